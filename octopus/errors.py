@@ -1,0 +1,21 @@
+"""Errors a user can cause.
+
+Library code raises these; only ``octopus.cli`` turns them into an exit code.
+``str(error)`` is the one line the user sees, naming the cause.
+"""
+
+
+class OctopusError(Exception):
+    """An error caused by configuration, environment or input, not by a bug."""
+
+
+class ConfigError(OctopusError):
+    """A setting, config file or address is invalid."""
+
+
+class BindError(OctopusError):
+    """A listening socket could not be created."""
+
+
+class AppImportError(OctopusError):
+    """The application (``module:Class``) could not be imported."""
