@@ -1,0 +1,312 @@
+"""SocketConnection: the application's three hooks and what a connection can do.
+
+Lifecycle (one row per transition; ``close()`` runs exactly once, on entering
+CLOSED, for every connection whose ``connect()`` was called)::
+
+    state     event                                action                       next
+    OPEN      bytes arrive                         receive() per message        OPEN
+    OPEN      send() beyond what the kernel takes  buffer, watch EPOLLOUT       OPEN
+    OPEN      peer's EOF (half-close)              flush what is pending        CLOSING
+    OPEN      disconnect()                         stop reading, flush          CLOSING
+    CLOSING   output drained, peer still open      shutdown(SHUT_WR), linger    LINGER
+    CLOSING   output drained after peer's EOF      close the socket             CLOSED
+    LINGER    peer's EOF, or linger time passes    close the socket             CLOSED
+    any       reset, hook raised, idle timeout,    close the socket now         CLOSED
+              slow consumer, oversized message,
+              quick stop
+
+LINGER exists because closing a socket that still has unread input makes the
+kernel send RST instead of FIN, and an RST can make the peer drop the reply it
+has not read yet: so after our FIN we read and discard until the peer's EOF.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from octopus.framing import NEED_DATA, FrameError, make_framer
+from octopus.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Timer
+
+if TYPE_CHECKING:
+    from octopus.framing import Framer
+    from octopus.worker import Worker
+
+app_log = logging.getLogger("octopus.app")
+log = logging.getLogger("octopus.worker")
+
+OPEN, CLOSING, LINGER, CLOSED = range(4)
+RECV_SIZE = 65536
+LINGER_SECONDS = 2.0
+_READABLE = EPOLLIN | EPOLLERR | EPOLLHUP
+# A peer that vanished: an ordinary close, not an error worth a traceback.
+_GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN})
+_UCRED = struct.Struct("3i")
+
+
+class SocketConnection:
+    """Subclass this and override ``connect``, ``receive`` and ``close``."""
+
+    framing: ClassVar[str | None] = None  # "raw", "line" or "length"; None: the setting
+
+    __slots__ = (
+        "_connected",
+        "_events",
+        "_fd",
+        "_framer",
+        "_idle_timer",
+        "_last_input",
+        "_peer_done",
+        "_sock",
+        "_state",
+        "_wbuf",
+        "_worker",
+        "address",
+        "credentials",
+    )
+
+    # Hooks: an application overrides any of these.
+
+    def connect(self) -> None:
+        """A client connected."""
+
+    def receive(self, message: bytes) -> None:
+        """One message arrived."""
+
+    def close(self) -> None:
+        """The connection is gone, whichever side ended it."""
+
+    # What a connection can do.
+
+    def send(self, data: bytes) -> None:
+        """Queue ``data`` (framed as this connection frames); never blocks."""
+        if self._state != OPEN:
+            return
+        if self._framer is not None:
+            data = self._framer.frame(data)
+        self._worker.messages_out += 1
+        if self._wbuf:
+            self._wbuf += data
+            if len(self._wbuf) > self._worker.max_write_buffer:
+                self._slow_consumer()
+            return
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if sent < len(data):
+            self._wbuf += memoryview(data)[sent:]
+            if len(self._wbuf) > self._worker.max_write_buffer:
+                self._slow_consumer()
+            else:
+                self._watch(EPOLLIN | EPOLLOUT)
+
+    def disconnect(self) -> None:
+        """Close from the server side once everything sent has been written."""
+        if self._state == OPEN:
+            self._state = CLOSING
+            self._after_output()
+
+    def broadcast(self, message: bytes) -> None:
+        """Send ``message`` to every connection of this application, this one included."""
+        self._worker.broadcast(message)
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> Timer:
+        """Run ``callback`` on this worker's loop after ``seconds``; ``cancel()`` the result."""
+
+        def run() -> None:
+            if self._state != CLOSED:
+                self._run_hook(callback)
+
+        return self._worker.loop.call_later(seconds, run)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.address!r} fd={self._fd}>"
+
+    # Internals, driven by the worker and the loop.
+
+    def _start(self, worker: Worker, sock: socket.socket, address: Any) -> None:
+        self._worker = worker
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._state = OPEN
+        self._connected = False
+        self._peer_done = False
+        self._wbuf = bytearray()
+        self._idle_timer: Timer | None = None
+        self.address = address
+        self.credentials = (
+            _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            if sock.family == socket.AF_UNIX
+            else None
+        )
+        framing = type(self).framing or worker.framing
+        self._framer: Framer | None = (
+            None if framing == "raw" else make_framer(framing, worker.max_message_size)
+        )
+        self._events = EPOLLIN
+        worker.loop.register(self._fd, EPOLLIN, self._on_events)
+        if worker.idle_timeout > 0:
+            self._last_input = worker.loop.time
+            self._idle_timer = worker.loop.call_later(worker.idle_timeout, self._check_idle)
+        self._connected = True
+        self._run_hook(self.connect)
+
+    def _on_events(self, mask: int) -> None:
+        state = self._state
+        if mask & _READABLE and state != CLOSING:
+            self._on_readable()
+            state = self._state
+        # In CLOSING we no longer read, so an error or hang-up must surface
+        # through a write attempt; otherwise level-triggered HUP would spin.
+        if (self._wbuf and state in (OPEN, CLOSING)
+                and (mask & EPOLLOUT or (mask & _READABLE and state == CLOSING))):
+            self._flush()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if self._state == LINGER:
+            if not data:
+                self._finish()
+            return
+        if self._idle_timer is not None:
+            self._last_input = self._worker.loop.time
+        if self._framer is None:
+            if data:
+                self._worker.messages_in += 1
+                self._deliver(data)
+            else:
+                self._peer_eof()
+            return
+        framer = self._framer
+        framer.feed(data)
+        while self._state == OPEN:
+            try:
+                message = framer.next_message()
+            except FrameError as exc:
+                log.info("closing %r: %s", self, exc)
+                self._abort()
+                return
+            if message is NEED_DATA:
+                break
+            self._worker.messages_in += 1
+            self._deliver(message)  # type: ignore[arg-type]
+        if not data:
+            self._peer_eof()
+
+    def _deliver(self, message: bytes) -> None:
+        try:
+            self.receive(message)
+        except Exception:
+            app_log.error("Error in receive() of %r", self, exc_info=True)
+            self._abort()
+
+    def _run_hook(self, hook: Callable[[], object]) -> None:
+        try:
+            hook()
+        except Exception:
+            app_log.error("Error in %s() of %r", getattr(hook, "__name__", "callback"),
+                          self, exc_info=True)
+            self._abort()
+
+    def _peer_eof(self) -> None:
+        # The peer will send nothing more; it may still read our reply.
+        if self._state == OPEN:
+            self._state = CLOSING
+            self._peer_done = True
+            self._after_output()
+
+    def _flush(self) -> None:
+        try:
+            sent = self._sock.send(self._wbuf)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        del self._wbuf[:sent]
+        if not self._wbuf:
+            if self._state == OPEN:
+                self._watch(EPOLLIN)
+            else:
+                self._after_output()
+
+    def _after_output(self) -> None:
+        """In CLOSING: finish once nothing is pending, else wait for EPOLLOUT."""
+        if self._wbuf:
+            self._watch(EPOLLOUT)
+        elif self._peer_done:
+            self._finish()
+        else:
+            self._linger()
+
+    def _linger(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finish()
+            return
+        self._state = LINGER
+        self._watch(EPOLLIN)
+        self._worker.loop.call_later(LINGER_SECONDS, self._finish)
+
+    def _watch(self, events: int) -> None:
+        if events != self._events:
+            self._events = events
+            self._worker.loop.modify(self._fd, events)
+
+    def _check_idle(self) -> None:
+        if self._state == CLOSED:
+            return
+        idle_for = self._worker.loop.time - self._last_input
+        timeout = self._worker.idle_timeout
+        if idle_for >= timeout:
+            log.info("closing %r: idle for %.1fs", self, idle_for)
+            self._abort()
+        else:
+            self._idle_timer = self._worker.loop.call_later(timeout - idle_for, self._check_idle)
+
+    def _slow_consumer(self) -> None:
+        log.warning("disconnecting slow consumer %r: %d bytes pending", self, len(self._wbuf))
+        self._worker.slow_consumers += 1
+        self._abort()
+
+    def _lost(self, exc: OSError) -> None:
+        if exc.errno in _GONE_ERRNOS:
+            log.debug("%r: %s", self, exc)
+        else:
+            log.warning("closing %r: %s", self, exc)
+        self._abort()
+
+    def _abort(self) -> None:
+        """End now, discarding pending output."""
+        self._wbuf.clear()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._state == CLOSED:
+            return
+        self._state = CLOSED
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._worker.loop.unregister(self._fd)
+        self._sock.close()
+        self._worker.connection_closed(self)
+        if self._connected:
+            try:
+                self.close()
+            except Exception:
+                app_log.error("Error in close() of %r", self, exc_info=True)

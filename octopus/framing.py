@@ -1,0 +1,246 @@
+"""Sans-IO message framing, in the shape of h11.
+
+The loop hands every chunk it reads to ``feed()`` (``b""`` means EOF) and then
+calls ``next_message()`` until it returns ``NEED_DATA``; ``frame()`` wraps one
+outgoing message. No framer touches a socket.
+
+Framings:
+
+``raw``
+    Each fed chunk is one message, exactly as it arrived. No limit applies.
+``line``
+    Messages end with ``b"\\n"``, which is not part of the message. A ``b"\\r"``
+    before it is kept (the framer is byte-exact; strip it in the application if
+    the peer speaks CRLF). At EOF a non-empty unterminated last line is
+    delivered as a final message.
+``length``
+    Each message is preceded by its length as a 4-byte big-endian unsigned
+    integer. An incomplete frame at EOF is dropped.
+
+Bounded memory: a message of exactly ``max_size`` bytes (delimiter or prefix
+not counted) is accepted. Once ``next_message()`` has returned ``NEED_DATA``
+the line buffer holds at most ``max_size`` bytes and the length buffer at most
+one header plus a body of at most ``max_size`` bytes; anything more raises
+``MessageTooLarge`` before the message completes. So, provided the caller
+drains after every ``feed()``, a peer can make us hold about ``max_size`` plus
+one read chunk, never more.
+
+After EOF, ``next_message()`` returns the messages still buffered and then
+``NEED_DATA`` forever. Feeding data after EOF is a caller bug (RuntimeError).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from typing import Final, Protocol
+
+__all__ = [
+    "FRAMINGS", "NEED_DATA", "FrameError", "Framer", "LengthFramer", "LineFramer",
+    "MessageTooLarge", "NeedData", "RawFramer", "make_framer",
+]
+
+
+class NeedData(enum.Enum):
+    """Type of the ``NEED_DATA`` sentinel (an enum, so ``is NEED_DATA`` narrows for mypy)."""
+
+    NEED_DATA = "NEED_DATA"
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+class FrameError(Exception):
+    """The peer violated the framing protocol; the connection must end."""
+
+
+class MessageTooLarge(FrameError):
+    """A message exceeds ``max_message_size``; ``str()`` is a one-line reason."""
+
+
+class Framer(Protocol):
+    name: str
+
+    def feed(self, data: bytes) -> None: ...
+
+    def next_message(self) -> bytes | NeedData: ...
+
+    def frame(self, message: bytes) -> bytes: ...
+
+
+FRAMINGS: Final[tuple[str, ...]] = ("raw", "line", "length")
+
+_MAX_LENGTH: Final = 0xFFFFFFFF  # largest length a 4-byte prefix can declare
+_HEADER: Final = struct.Struct(">I")
+
+
+def _check_max_size(max_size: int) -> int:
+    if max_size < 0:
+        raise ValueError(f"max_size must be >= 0, got {max_size}")
+    return max_size
+
+
+def _eof_error() -> RuntimeError:
+    return RuntimeError("data fed after EOF")
+
+
+class RawFramer:
+    """Every non-empty chunk is one message; ``frame()`` is the identity."""
+
+    __slots__ = ("_append", "_chunks", "_eof", "_popleft")
+    name = "raw"
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._append = self._chunks.append
+        self._popleft = self._chunks.popleft
+        self._eof = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held but not yet returned by ``next_message()``."""
+        return sum(map(len, self._chunks))
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            if self._eof:
+                raise _eof_error()
+            self._append(data)
+        else:
+            self._eof = True
+
+    def next_message(self) -> bytes | NeedData:
+        return self._popleft() if self._chunks else NEED_DATA
+
+    def frame(self, message: bytes) -> bytes:
+        return message
+
+
+class LineFramer:
+    """Newline-delimited messages; see the module docstring."""
+
+    __slots__ = ("_buf", "_eof", "_find", "_max", "_searched")
+    name = "line"
+
+    def __init__(self, max_size: int) -> None:
+        self._max = _check_max_size(max_size)
+        self._buf = bytearray()
+        self._find = self._buf.find
+        # Invariant: _buf[:_searched] contains no b"\n" (never scanned twice).
+        self._searched = 0
+        self._eof = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held but not yet returned by ``next_message()``."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            if self._eof:
+                raise _eof_error()
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_message(self) -> bytes | NeedData:
+        buf = self._buf
+        end = self._find(b"\n", self._searched)
+        if end < 0:
+            size = len(buf)
+            # The pending line is already longer than any acceptable message.
+            if size > self._max:
+                raise MessageTooLarge(f"message exceeds max_message_size ({self._max} bytes)")
+            if self._eof and size:
+                message = bytes(buf)
+                buf.clear()
+                self._searched = 0
+                return message
+            self._searched = size
+            return NEED_DATA
+        if end > self._max:
+            raise MessageTooLarge(f"message exceeds max_message_size ({self._max} bytes)")
+        message = bytes(buf[:end])
+        del buf[: end + 1]  # O(1) amortised: CPython advances the start of the bytearray
+        self._searched = 0
+        return message
+
+    def frame(self, message: bytes) -> bytes:
+        # The message must not contain b"\n" itself, or the peer sees two.
+        return message + b"\n"
+
+
+class LengthFramer:
+    """Messages behind a 4-byte big-endian length prefix; see the module docstring."""
+
+    __slots__ = ("_buf", "_eof", "_max", "_need")
+    name = "length"
+
+    def __init__(self, max_size: int) -> None:
+        self._max = _check_max_size(max_size)
+        self._buf = bytearray()
+        # Body length of the frame at the front of _buf, once its header is
+        # parsed and checked against _max; -1 while the header is pending.
+        self._need = -1
+        self._eof = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held but not yet returned by ``next_message()``."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            if self._eof:
+                raise _eof_error()
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_message(self) -> bytes | NeedData:
+        buf = self._buf
+        need = self._need
+        if need < 0:
+            if len(buf) < 4:
+                return self._maybe_drop_at_eof()
+            (need,) = _HEADER.unpack_from(buf)
+            if need > self._max:
+                raise MessageTooLarge(
+                    f"declared length {need} exceeds max_message_size ({self._max} bytes)"
+                )
+            self._need = need
+        end = 4 + need
+        if len(buf) < end:
+            return self._maybe_drop_at_eof()
+        message = bytes(buf[4:end])
+        del buf[:end]  # O(1) amortised: CPython advances the start of the bytearray
+        self._need = -1
+        return message
+
+    def _maybe_drop_at_eof(self) -> NeedData:
+        # No more bytes will come, so an incomplete frame never completes.
+        if self._eof and self._buf:
+            self._buf.clear()
+            self._need = -1
+        return NEED_DATA
+
+    def frame(self, message: bytes) -> bytes:
+        size = len(message)
+        if size > _MAX_LENGTH:
+            raise ValueError(f"message of {size} bytes does not fit a 4-byte length prefix")
+        return _HEADER.pack(size) + message
+
+
+def make_framer(name: str, max_size: int) -> Framer:
+    """Return a new framer for ``name`` (one of ``FRAMINGS``); ``max_size`` bounds messages."""
+    if name == "raw":
+        return RawFramer()
+    if name == "line":
+        return LineFramer(max_size)
+    if name == "length":
+        return LengthFramer(max_size)
+    raise ValueError(f"unknown framing {name!r} (expected one of: {', '.join(FRAMINGS)})")

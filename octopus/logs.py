@@ -1,0 +1,85 @@
+"""Logging setup: text or JSON lines, to stderr or a file that USR1 reopens.
+
+Loggers by audience: ``octopus.master`` (process model), ``octopus.worker``
+(connections and accepting), ``octopus.app`` (tracebacks from the
+application's hooks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import TextIO
+
+TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, pid, message (and traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Appends to a file; ``reopen()`` after logrotate moved it (SIGUSR1)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(self._open())
+
+    def _open(self) -> TextIO:
+        return open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            old, self.stream = self.stream, self._open()
+            old.close()
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self.stream.close()
+        finally:
+            self.release()
+        super().close()
+
+
+def configure(level: str = "info", log_file: str | None = None, fmt: str = "text") -> None:
+    """Send the ``octopus`` loggers to stderr or ``log_file``; replaces earlier setup."""
+    root = logging.getLogger("octopus")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    handler: logging.Handler
+    if log_file:
+        handler = ReopenableFileHandler(os.path.abspath(log_file))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def reopen() -> None:
+    """Reopen every log file (SIGUSR1)."""
+    for handler in logging.getLogger("octopus").handlers:
+        if isinstance(handler, ReopenableFileHandler):
+            handler.reopen()
