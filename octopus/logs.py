@@ -42,7 +42,7 @@ class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(self._open())
 
     def _open(self) -> TextIO:
-        return open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        return open(self.path, "a", buffering=1, encoding="utf-8")
 
     def reopen(self) -> None:
         self.acquire()

@@ -1,0 +1,464 @@
+"""Settings: one declarative schema for the config file, the CLI and ``Octopus(**kw)``.
+
+Each setting is one :class:`Setting` in :data:`SETTINGS`; its ``parse`` turns a
+raw value (from TOML, ``--set`` or a keyword) into the typed value that
+:class:`Settings` holds, or raises ValueError/TypeError with a short reason.
+CLI flags, ``--help``, ``conf/octopus.toml`` and the defaults derive from it.
+Precedence: overrides (the CLI) > config file > defaults. User errors are
+one-line ConfigErrors naming the key, and the file when the value came from one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import textwrap
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from octopus.address import Address, parse_address
+from octopus.errors import ConfigError
+
+Parser = Callable[[object], object]
+
+
+# -- parsers: raw value -> typed value, or ValueError/TypeError with a reason --
+
+
+def _expected(what: str, value: object) -> ValueError:
+    return ValueError(f"expected {what}, got {value!r}")
+
+
+def _maybe_int(value: object) -> int | None:
+    """An int from an int or a string of digits; None for anything else (bool too)."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _positive_int(value: object) -> int:
+    number = _maybe_int(value)
+    if number is None or number < 1:
+        raise _expected("a positive integer", value)
+    return number
+
+
+def _workers(value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        return _positive_int(value)
+    except ValueError:
+        raise _expected('a positive integer or "auto"', value) from None
+
+
+def _maybe_float(value: object) -> float | None:
+    """A finite float from an int, a float or a decimal string; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    if isinstance(value, str) and not re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)\s*", value):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _seconds(positive: bool) -> Parser:
+    what = "a number of seconds " + ("> 0" if positive else ">= 0")
+
+    def parse(value: object) -> float:
+        number = _maybe_float(value)
+        if number is None or number < 0 or (positive and number == 0):
+            raise _expected(what, value)
+        return number
+
+    return parse
+
+
+def _choice(*choices: str) -> Parser:
+    what = "one of " + ", ".join(json.dumps(choice) for choice in choices)
+
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise _expected(what, value)
+        return value.lower()
+
+    return parse
+
+
+def _optional(parse: Parser) -> Parser:
+    def parse_optional(value: object) -> object:
+        return None if value is None else parse(value)
+
+    return parse_optional
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _expected("a non-empty string", value)
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _expected("true or false", value)
+    return value
+
+
+def _app(value: object) -> str:
+    dotted = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
+    if not isinstance(value, str) or not re.fullmatch(f"{dotted}:{dotted}", value):
+        raise _expected("MODULE:CLASS", value)
+    return value
+
+
+def _paths(value: object) -> tuple[str, ...]:
+    """A list of strings, or one comma-separated string; empty entries are dropped."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise _expected("a list of paths or a comma-separated string", value)
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _bind(value: object) -> tuple[str, ...]:
+    """One ADDR or a list of them; kept as text (ints become strings)."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise _expected("at least one address", value)
+    for item in items:
+        try:
+            parse_address(item)  # type: ignore[arg-type]  # it rejects other types itself
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+    return tuple(str(item).strip() for item in items)
+
+
+def _identity(value: object) -> str | int:
+    """A user or group: a name, or a numeric id (an int or a string of digits)."""
+    number = _maybe_int(value)
+    if number is not None and number >= 0:
+        return number
+    if isinstance(value, str) and value.strip() and number is None:
+        return value.strip()
+    raise _expected("a name or a numeric id", value)
+
+
+def _octal(value: object) -> int:
+    # Modes are strings: TOML has no octal literal with a leading 0, and a
+    # decimal 660 silently means something else.
+    if not isinstance(value, str) or not re.fullmatch(r"[0-7]{1,4}", value) \
+            or int(value, 8) > 0o777:
+        raise _expected('a string of octal digits such as "0660"', value)
+    return int(value, 8)
+
+
+def _broadcast(value: object) -> str:
+    schemes = ("redis://", "rediss://", "unix://")
+    if value == "local" or (isinstance(value, str) and value.startswith(schemes)
+                            and value.partition("://")[2]):
+        return value
+    raise _expected('"local" or a redis://, rediss:// or unix:// URL', value)
+
+
+# -- the schema --
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name, parser, raw default (as written in TOML) and doc."""
+
+    name: str
+    parse: Parser
+    default: object  # the raw default, as it would be written in TOML; None = unset
+    doc: str
+    metavar: str = "VALUE"
+    multiple: bool = False  # the CLI option may be repeated (values form a list)
+    example: object = None  # shown in conf/octopus.toml for settings unset by default
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def is_flag(self) -> bool:
+        """A boolean: the CLI option takes no value."""
+        return isinstance(self.default, bool)
+
+    @property
+    def default_text(self) -> str:
+        return "unset" if self.default is None else toml_value(self.default)
+
+
+SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
+    ("Application", (
+        Setting("app", _optional(_app), None,
+                "The SocketConnection subclass to serve, as MODULE:CLASS. The working "
+                "directory and the pythonpath entries are on the import path.",
+                "MODULE:CLASS", example="myapp:EchoConnection"),
+        Setting("chdir", _optional(_text), None,
+                "Directory to change to before importing the application.",
+                "DIR", example="/srv/myapp"),
+        Setting("pythonpath", _paths, [],
+                "Extra directories put on the import path: a list, or one "
+                "comma-separated string.", "DIR", multiple=True),
+    )),
+    ("Listening", (
+        Setting("bind", _bind, ["127.0.0.1:9876"],
+                "Addresses to listen on: HOST:PORT, [IPV6]:PORT, a port number, unix:PATH "
+                "or fd://N. A list or one address; sockets passed by systemd (LISTEN_FDS) "
+                "take its place.", "ADDR", multiple=True),
+        Setting("backlog", _positive_int, 2048,
+                "Listen backlog: connections the kernel queues before they are accepted.",
+                "N"),
+        Setting("socket_mode", _octal, "0600",
+                "File mode of the Unix sockets octopus creates, as a string of octal "
+                "digits.", "MODE"),
+    )),
+    ("Workers", (
+        Setting("workers", _workers, 1,
+                'Number of worker processes, or "auto" for one per CPU.', "N"),
+        Setting("max_connections", _positive_int, 10000,
+                "Connections per worker; beyond it the worker stops accepting and new "
+                "clients wait in the backlog.", "N"),
+        Setting("timeout", _seconds(positive=True), 30,
+                "Seconds a worker's loop may go without a heartbeat before the master "
+                "kills and replaces it.", "SECONDS"),
+        Setting("graceful_timeout", _seconds(positive=False), 30,
+                "Seconds retiring workers get to finish their connections on reload or "
+                "stop.", "SECONDS"),
+    )),
+    ("Connections", (
+        Setting("framing", _choice("raw", "line", "length"), "raw",
+                'Framing when the connection class sets none: "raw" (each read as it '
+                'arrived), "line" (newline-delimited) or "length" (4-byte big-endian '
+                "length prefix).", "raw|line|length"),
+        Setting("max_message_size", _positive_int, 1048576,
+                "Largest framed message in bytes; one byte more ends the connection.",
+                "BYTES"),
+        Setting("max_write_buffer", _positive_int, 33554432,
+                "Bytes pending for one connection before it is disconnected as a slow "
+                "consumer.", "BYTES"),
+        Setting("idle_timeout", _seconds(positive=False), 0,
+                "Seconds without input before a connection is closed; 0 never closes it.",
+                "SECONDS"),
+    )),
+    ("Privileges", (
+        Setting("user", _optional(_identity), None,
+                "User name or id the workers switch to after binding; the master keeps "
+                "its own, to bind again on reload.", "USER", example="nobody"),
+        Setting("group", _optional(_identity), None,
+                "Group name or id the workers switch to after binding.",
+                "GROUP", example="nogroup"),
+        Setting("umask", _optional(_octal), None,
+                "Umask of the workers, as a string of octal digits.",
+                "MODE", example="0022"),
+    )),
+    ("Process", (
+        Setting("pidfile", _optional(_text), None,
+                "File the master writes its pid to; stop, reload and status read it.",
+                "PATH", example="/run/octopusd.pid"),
+        Setting("daemon", _bool, False,
+                "Detach and run in the background; start returns once the server "
+                "accepts."),
+    )),
+    ("Logging", (
+        Setting("log_level", _choice("debug", "info", "warning", "error", "critical"),
+                "info", "Lowest level logged.", "LEVEL"),
+        Setting("log_file", _optional(_text), None,
+                "File to log to instead of stderr; reopened on SIGUSR1.",
+                "PATH", example="/var/log/octopusd.log"),
+        Setting("log_format", _choice("text", "json"), "text",
+                'Log line format: "text", or "json" for one JSON object a line.',
+                "text|json"),
+    )),
+    ("Broadcast", (
+        Setting("broadcast", _broadcast, "local",
+                'Where broadcast() goes: "local" (the workers of this server) or a Redis '
+                'URL such as "redis://127.0.0.1:6379/0" (every server sharing it).', "URL"),
+        Setting("broadcast_channel", _text, "octopus",
+                "Channel name on the shared broadcast backend; servers that share it see "
+                "each other's broadcasts.", "NAME"),
+    )),
+)
+
+SETTINGS: tuple[Setting, ...] = tuple(s for _, group in SECTIONS for s in group)
+SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def _prefix(origin: str | None) -> str:
+    return f"{origin}: " if origin else ""
+
+
+def _unknown(name: str, origin: str | None) -> ConfigError:
+    close = difflib.get_close_matches(name, SETTINGS_BY_NAME, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{_prefix(origin)}unknown setting {name!r}{hint}")
+
+
+def _parse_all(raw: Mapping[str, object], origin: str | None) -> dict[str, Any]:
+    """Parse every value of ``raw``; ``origin`` (a file name) prefixes the errors."""
+    for name in raw:
+        if name not in SETTINGS_BY_NAME:
+            raise _unknown(name, origin)
+    parsed: dict[str, Any] = {}
+    for name, value in raw.items():
+        try:
+            parsed[name] = SETTINGS_BY_NAME[name].parse(value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{_prefix(origin)}{name}: {exc}") from None
+    return parsed
+
+
+# -- the parsed settings --
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Parsed, validated settings: one typed attribute per entry of SETTINGS."""
+
+    app: str | None
+    chdir: str | None
+    pythonpath: tuple[str, ...]
+    bind: tuple[str, ...]
+    backlog: int
+    socket_mode: int
+    workers: int
+    max_connections: int
+    timeout: float
+    graceful_timeout: float
+    framing: str
+    max_message_size: int
+    max_write_buffer: int
+    idle_timeout: float
+    user: str | int | None
+    group: str | int | None
+    umask: int | None
+    pidfile: str | None
+    daemon: bool
+    log_level: str
+    log_file: str | None
+    log_format: str
+    broadcast: str
+    broadcast_channel: str
+    # Not a user setting: the file load() read (absolute), for reload to read again.
+    config_file: str | None = None
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with ``changes`` (raw or typed values) validated and applied."""
+        return dataclasses.replace(self, **_parse_all(changes, None))
+
+    def addresses(self) -> tuple[Address, ...]:
+        """``bind`` parsed (it was validated when these settings were made)."""
+        return tuple(parse_address(text) for text in self.bind)
+
+
+DEFAULTS = Settings(**_parse_all({s.name: s.default for s in SETTINGS}, None))
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for name, value in document.items():
+        if isinstance(value, dict) and name not in SETTINGS_BY_NAME:
+            raise ConfigError(f"{path}: [{name}]: tables are not supported; "
+                              "settings are top-level keys")
+    return document
+
+
+def load(config_file: str | None = None,
+         overrides: Mapping[str, object] | None = None) -> Settings:
+    """Defaults, then the TOML ``config_file``, then ``overrides``, all validated.
+
+    An override of None means "not given" and is skipped (the CLI passes every
+    option). A list value (``bind``) replaces the file's, it is not appended.
+    The result keeps ``config_file`` as an absolute path, for reload.
+    """
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(_parse_all(_read_file(config_file), config_file))
+    given = {name: value for name, value in (overrides or {}).items() if value is not None}
+    values.update(_parse_all(given, None))
+    path = None if config_file is None else os.path.abspath(config_file)
+    return dataclasses.replace(DEFAULTS, config_file=path, **values)
+
+
+def from_kwargs(**kwargs: object) -> Settings:
+    """Settings for ``Octopus(cls, **settings)``: defaults with ``kwargs`` applied."""
+    return DEFAULTS.replace(**kwargs)
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    """``--set KEY=VALUE``: the value as TOML when it is one, else the raw string.
+
+    ``workers=4`` gives 4, ``bind=["a:1","b:2"]`` a list, ``app=mod:Cls`` the
+    string. Dashes in KEY are read as underscores. The value is not validated here.
+    """
+    name, sep, raw = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or not name:
+        raise ConfigError(f"--set: expected KEY=VALUE, got {text!r}")
+    if name not in SETTINGS_BY_NAME:
+        raise _unknown(name, "--set")
+    raw = raw.strip()
+    try:
+        document = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return name, raw
+    value = document.get("v")
+    if list(document) != ["v"] or not isinstance(value, (str, int, float, bool, list)):
+        return name, raw  # a date, a table, or a value smuggling in more keys
+    return name, value
+
+
+# -- the annotated example file --
+
+
+def toml_value(value: object) -> str:
+    """``value`` (str, bool, number or list of them) written as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+_HEADER = """\
+# octopus configuration: TOML with flat top-level keys (octopusd --config FILE).
+# Every setting is shown with its default, commented out; uncomment to change.
+# The command line overrides this file: each setting is also an option
+# (--max-connections 500), and --set NAME=VALUE takes any of them.
+# "octopusd reload" re-reads this file. Generated from octopus/config.py.
+"""
+
+
+def render_example() -> str:
+    """The annotated ``conf/octopus.toml``, generated from SETTINGS."""
+    lines = [_HEADER.rstrip("\n")]
+    for title, group in SECTIONS:
+        lines += ["", f"# ---- {title} " + "-" * (72 - len(title)), ""]
+        for setting in group:
+            lines += textwrap.wrap(setting.doc, 78, initial_indent="# ",
+                                   subsequent_indent="# ")
+            if setting.default is None:
+                example = toml_value(setting.example)
+                lines.append(f"# {setting.name} = {example}  # an example; unset by default")
+            else:
+                lines.append(f"# {setting.name} = {toml_value(setting.default)}")
+            lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
