@@ -69,6 +69,20 @@ class SocketConnection:
         "credentials",
     )
 
+    _worker: Worker
+    _sock: socket.socket
+    _fd: int
+    _state: int
+    _connected: bool
+    _peer_done: bool
+    _wbuf: bytearray
+    _events: int
+    _last_input: float
+    _idle_timer: Timer | None
+    _framer: Framer | None
+    address: Any
+    credentials: tuple[int, int, int] | None
+
     # Hooks: an application overrides any of these.
 
     def connect(self) -> None:
@@ -140,7 +154,7 @@ class SocketConnection:
         self._connected = False
         self._peer_done = False
         self._wbuf = bytearray()
-        self._idle_timer: Timer | None = None
+        self._idle_timer = None
         self.address = address
         self.credentials = (
             _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
@@ -148,7 +162,7 @@ class SocketConnection:
             else None
         )
         framing = type(self).framing or worker.framing
-        self._framer: Framer | None = (
+        self._framer = (
             None if framing == "raw" else make_framer(framing, worker.max_message_size)
         )
         self._events = EPOLLIN
@@ -203,7 +217,7 @@ class SocketConnection:
             if message is NEED_DATA:
                 break
             self._worker.messages_in += 1
-            self._deliver(message)  # type: ignore[arg-type]
+            self._deliver(message)
         if not data:
             self._peer_eof()
 

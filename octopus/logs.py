@@ -34,7 +34,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class ReopenableFileHandler(logging.StreamHandler[TextIO]):
     """Appends to a file; ``reopen()`` after logrotate moved it (SIGUSR1)."""
 
     def __init__(self, path: str) -> None:
@@ -64,9 +64,9 @@ class ReopenableFileHandler(logging.StreamHandler):  # type: ignore[type-arg]
 def configure(level: str = "info", log_file: str | None = None, fmt: str = "text") -> None:
     """Send the ``octopus`` loggers to stderr or ``log_file``; replaces earlier setup."""
     root = logging.getLogger("octopus")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
     handler: logging.Handler
     if log_file:
         handler = ReopenableFileHandler(os.path.abspath(log_file))

@@ -46,7 +46,8 @@ class Octopus:
             logs.configure(self.settings.log_level, self.settings.log_file,
                            self.settings.log_format)
         if self.settings.workers > 1:
-            from octopus.master import Master, run_class
+            from octopus.child import run_class
+            from octopus.master import Master
 
             Master(self.settings, run_class(self.connection_class)).run()
             return

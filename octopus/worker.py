@@ -20,6 +20,7 @@ Accepting:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -94,10 +95,8 @@ class Worker:
             return
         self.accepting = True
         for listener in self.listeners:
-            self.loop.register(
-                listener.fileno(), self._listen_events,
-                lambda mask, listener=listener: self._accept(listener),
-            )
+            self.loop.register(listener.fileno(), self._listen_events,
+                               functools.partial(self._accept, listener))
 
     def pause_accepting(self, retry_after: float | None = None) -> None:
         if self.accepting:
@@ -119,7 +118,7 @@ class Worker:
             return
         self.start_accepting()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, mask: int) -> None:
         connections = self.connections
         for _ in range(ACCEPT_BURST):
             if len(connections) >= self.max_connections:

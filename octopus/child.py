@@ -1,0 +1,83 @@
+"""A worker process: what runs after ``fork()``, on the worker's side only.
+
+Signals from the master (handled in the worker's loop, between callbacks):
+
+    TERM        graceful stop: flush every connection and close it, then exit
+    INT, QUIT   quick stop: close every connection now, then exit
+    USR2        retire: stop accepting; serve open connections until they end
+                or graceful_timeout passes, then exit
+    USR1        reopen log files
+    HUP         ignored (reload is the master's business)
+    ABRT        sent by the master when the heartbeat stops: faulthandler
+                dumps every thread's traceback, then the process dies
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import signal
+import sys
+
+from octopus import logs, privileges
+from octopus.connection import SocketConnection
+from octopus.importer import import_app, prepare_path
+from octopus.master import Target, WorkerContext
+from octopus.scoreboard import READY, RETIRING
+from octopus.worker import Worker
+
+HEARTBEAT_INTERVAL = 0.1  # seconds between scoreboard writes from the loop
+
+
+def run_app(ctx: WorkerContext) -> None:
+    """Import ``settings.app`` (fresh code: the master never imported it) and serve it."""
+    prepare_path(ctx.settings.chdir, ctx.settings.pythonpath)
+    serve(ctx, import_app(ctx.settings.app))
+
+
+def run_class(connection_class: type[SocketConnection]) -> Target:
+    """A target serving a class the calling program already holds (``Octopus(cls)``)."""
+
+    def target(ctx: WorkerContext) -> None:
+        serve(ctx, connection_class)
+
+    return target
+
+
+def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
+    settings = ctx.settings
+    privileges.drop(settings.user, settings.group, settings.umask)
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    board, slot = ctx.scoreboard, ctx.slot
+    worker = Worker(ctx.listeners, connection_class, settings, exclusive=True,
+                    accept_gate=lambda count: board.may_accept(slot, count))
+    loop = worker.loop
+    last_beat = 0.0
+
+    def heartbeat(now: float) -> None:
+        nonlocal last_beat
+        if now - last_beat >= HEARTBEAT_INTERVAL:
+            last_beat = now
+            board.beat(slot, now, len(worker.connections), worker.messages_in,
+                       worker.messages_out, worker.accepted)
+
+    def ready() -> None:
+        board.set_state(slot, READY)
+        heartbeat(loop.time)
+        ctx.report("ready")
+
+    def retire() -> None:
+        board.set_state(slot, RETIRING)
+        worker.retire()
+
+    loop.on_tick = heartbeat
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    loop.add_signal_handler(signal.SIGTERM, lambda: worker.stop(graceful=True))
+    loop.add_signal_handler(signal.SIGINT, lambda: worker.stop(graceful=False))
+    loop.add_signal_handler(signal.SIGQUIT, lambda: worker.stop(graceful=False))
+    loop.add_signal_handler(signal.SIGUSR2, retire)
+    loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
+    loop.call_soon(ready)  # runs after run() has registered the listeners
+    try:
+        worker.run()
+    finally:
+        loop.close()

@@ -1,0 +1,594 @@
+"""The master: binds, forks workers, reaps them, supervises, reloads.
+
+The master never runs application code: it knows only a *target*, a
+function that a forked worker process runs with a :class:`WorkerContext`
+(``octopus.child.run_app`` imports the app in the worker, after fork).
+
+Invariants:
+- Signal handlers only append to ``_signals``; ``signal.set_wakeup_fd``
+  wakes the master's ``select`` and the loop dispatches to ``handle_<name>``.
+- Children are reaped in one place, ``reap_workers``.
+- The listening sockets stay open in the master for its whole life, so a
+  connection attempt finds a listener whatever the workers are doing.
+- Reload is a generation swap: the old generation retires only once every
+  worker of the new one has reported ``ready`` (app imported, listeners
+  registered). If the new generation cannot boot, it is sent away and the
+  old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from octopus import config, logs, pidfile, privileges, systemd
+from octopus.control import ControlServer, control_path
+from octopus.errors import OctopusError
+from octopus.listeners import Listener, bind
+from octopus.scoreboard import READY, RETIRING, STATE_NAMES, Scoreboard
+
+log = logging.getLogger("octopus.master")
+
+WORKER_BOOT_ERROR = 3  # the worker could not set itself up (privileges, listeners)
+APP_LOAD_ERROR = 4  # the application could not be imported
+KILL_GRACE = 2.0  # seconds between SIGABRT/SIGTERM deadlines and SIGKILL
+QUICK_STOP = 2.0  # seconds workers get to close everything on a quick stop
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 30.0  # restart delays for workers that fail to boot
+SIGNALS = ("HUP", "TERM", "INT", "QUIT", "TTIN", "TTOU", "USR1", "CHLD")
+
+
+@dataclass
+class WorkerContext:
+    """What a forked worker gets from the master."""
+
+    settings: config.Settings
+    listeners: list[socket.socket]
+    scoreboard: Scoreboard
+    slot: int
+    index: int
+    generation: int
+    report_fd: int
+
+    def report(self, line: str) -> None:
+        """Tell the master ``ready`` or ``error <reason>`` (one line)."""
+        try:
+            os.write(self.report_fd, line.replace("\n", " ").encode()[:4000] + b"\n")
+        except OSError:
+            pass
+
+
+Target = Callable[[WorkerContext], None]
+
+
+def run_app(ctx: WorkerContext) -> None:
+    """The default target: import ``settings.app`` in the worker and serve it."""
+    from octopus.child import run_app as child_run_app  # the worker's side only
+
+    child_run_app(ctx)
+
+
+@dataclass
+class WorkerProcess:
+    pid: int
+    index: int
+    generation: int
+    slot: int
+    pipe: int  # read end: "ready" / "error ..." lines, EOF when the worker is gone
+    settings: config.Settings
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    retiring: bool = False
+    kill_at: float | None = None  # SIGKILL after this (monotonic)
+    error: str | None = None
+    buffer: bytes = b""
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    code = os.WEXITSTATUS(status)
+    names = {WORKER_BOOT_ERROR: " (boot error)", APP_LOAD_ERROR: " (app load error)"}
+    return f"exit code {code}{names.get(code, '')}"
+
+
+class Master:
+    def __init__(self, settings: config.Settings, target: Target = run_app, *,
+                 overrides: dict[str, object] | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.target = target
+        self.overrides = overrides or {}
+        self.on_ready = on_ready
+        self.num_workers = settings.workers
+        self.workers: dict[int, WorkerProcess] = {}
+        self.listeners: dict[str, Listener] = {}
+        self.generation = 1
+        self.pending: int | None = None  # the generation a reload is booting
+        self.pending_settings = settings
+        self._pending_listeners: dict[str, Listener] = {}
+        self.pending_since = 0.0
+        self.booted = False
+        self.stopping = False
+        self.fatal: str | None = None
+        self.boot_failures = 0
+        self.next_spawn_at = 0.0
+        self.restarts: dict[int, int] = {}
+        self.reload_status: dict[str, Any] = {"status": "ok", "error": None, "time": None}
+        self.started = time.time()
+        self._signals: deque[int] = deque(maxlen=64)
+        self._selector = selectors.DefaultSelector()
+        self.scoreboard = Scoreboard()
+        self.control: ControlServer | None = None
+
+    # Life cycle.
+
+    def run(self) -> None:
+        """Serve until stopped; OctopusError when the first workers cannot boot."""
+        self.pid = os.getpid()
+        created_pidfile = False
+        try:
+            privileges.check(self.settings.user, self.settings.group)
+            self._bind_initial()
+            if self.settings.pidfile:
+                pidfile.create(self.settings.pidfile)
+                created_pidfile = True
+                self.control = ControlServer(control_path(self.settings.pidfile))
+                self._selector.register(self.control, selectors.EVENT_READ, "control")
+            self._install_signals()
+            _set_title(f"octopusd: master [{self.settings.app or 'octopus'}]")
+            log.info("master %d started; %d worker(s)", self.pid, self.num_workers)
+            while True:
+                self._dispatch_signals()
+                self.reap_workers()
+                self.manage_workers()
+                if self.stopping and not self.workers:
+                    break
+                self._wait()
+        finally:
+            self._cleanup(created_pidfile)
+        if self.fatal is not None:
+            raise OctopusError(self.fatal)
+        log.info("master %d exiting", self.pid)
+
+    def _bind_initial(self) -> None:
+        inherited = systemd.listen_fds()
+        if inherited:
+            self.listeners = {listener.name: listener for listener in inherited}
+        else:
+            self.listeners = self._bind(self.settings)
+        for name in self.listeners:
+            log.info("listening on %s", name)
+
+    def _bind(self, settings: config.Settings,
+              keep: dict[str, Listener] | None = None) -> dict[str, Listener]:
+        """Listeners for ``settings.bind``, reusing those in ``keep`` by address text."""
+        keep = keep or {}
+        bound: dict[str, Listener] = {}
+        try:
+            for text in settings.bind:
+                if text in keep:
+                    bound[text] = keep[text]
+                else:
+                    bound[text] = bind(text, settings.backlog, settings.socket_mode)
+        except OctopusError:
+            for text, listener in bound.items():
+                if text not in keep:
+                    listener.close()
+            raise
+        return bound
+
+    def _cleanup(self, created_pidfile: bool) -> None:
+        for worker in list(self.workers.values()):
+            _kill(worker.pid, signal.SIGKILL)
+        while self.workers:
+            self.reap_workers(block=True)
+        for listener in self.listeners.values():
+            listener.close()
+        if self.control is not None:
+            self.control.close()
+        if created_pidfile and self.settings.pidfile:
+            pidfile.remove(self.settings.pidfile)
+        self._restore_signals()
+        self._selector.close()
+
+    # Signals: handlers only record.
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        for sock in (self._wake_r, self._wake_w):
+            sock.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wakeup")
+        self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(),
+                                                   warn_on_full_buffer=False)
+        self._old_handlers = {
+            name: signal.signal(getattr(signal, "SIG" + name), self._record) for name in SIGNALS
+        }
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)
+
+    def _restore_signals(self) -> None:
+        if not hasattr(self, "_old_handlers"):
+            return
+        for name, handler in self._old_handlers.items():
+            signal.signal(getattr(signal, "SIG" + name), handler)
+        signal.set_wakeup_fd(self._old_wakeup_fd)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _dispatch_signals(self) -> None:
+        while self._signals:
+            name = signal.Signals(self._signals.popleft()).name[3:].lower()
+            getattr(self, f"handle_{name}")()
+
+    def handle_chld(self) -> None:
+        """Reaping happens in ``reap_workers``, right after dispatch."""
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_term(self) -> None:
+        self.stop(graceful=True)
+
+    def handle_int(self) -> None:
+        self.stop(graceful=False)
+
+    handle_quit = handle_int
+
+    def handle_ttin(self) -> None:
+        self.num_workers += 1
+        log.info("SIGTTIN: %d worker(s)", self.num_workers)
+
+    def handle_ttou(self) -> None:
+        if self.num_workers <= 1:
+            log.info("SIGTTOU: keeping the last worker")
+            return
+        self.num_workers -= 1
+        log.info("SIGTTOU: %d worker(s)", self.num_workers)
+        extra = [w for w in self._generation(self.generation) if w.index >= self.num_workers]
+        for worker in extra:
+            self._retire(worker)
+
+    def handle_usr1(self) -> None:
+        logs.reopen()
+        for worker in self.workers.values():
+            _kill(worker.pid, signal.SIGUSR1)
+
+    # Waiting.
+
+    def _wait(self) -> None:
+        for key, _ in self._selector.select(self._next_timeout()):
+            if key.data == "wakeup":
+                try:
+                    self._wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            elif key.data == "control":
+                assert self.control is not None
+                self.control.handle(self.snapshot)
+            else:
+                self._read_report(key.data)
+
+    def _next_timeout(self) -> float:
+        if self._signals:
+            return 0.0
+        now = time.monotonic()
+        deadlines = [w.kill_at for w in self.workers.values() if w.kill_at is not None]
+        if self.next_spawn_at > now:
+            deadlines.append(self.next_spawn_at)
+        # Heartbeats are checked at least a few times per timeout.
+        soonest = min(deadlines, default=now + 1.0)
+        return max(0.0, min(soonest - now, 1.0, self.settings.timeout / 4))
+
+    def _read_report(self, worker: WorkerProcess) -> None:
+        try:
+            data = os.read(worker.pipe, 4096)
+        except BlockingIOError:
+            return
+        if not data:  # the worker closed its end: it is exiting
+            self._selector.unregister(worker.pipe)
+            return
+        worker.buffer += data
+        *lines, worker.buffer = worker.buffer.split(b"\n")
+        for line in lines:
+            text = line.decode(errors="replace")
+            if text == "ready":
+                self._worker_ready(worker)
+            elif text.startswith("error "):
+                worker.error = text[6:]
+
+    # Workers.
+
+    def spawn_worker(self, index: int, generation: int, settings: config.Settings,
+                     listeners: dict[str, Listener]) -> None:
+        slot = self.scoreboard.claim(0, generation)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            self._become_worker(WorkerContext(
+                settings, [listener.sock for listener in listeners.values()],
+                self.scoreboard, slot, index, generation, write_fd))
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        self.scoreboard.set_pid(slot, pid)
+        worker = WorkerProcess(pid, index, generation, slot, read_fd, settings)
+        self.workers[pid] = worker
+        self._selector.register(read_fd, selectors.EVENT_READ, worker)
+        log.debug("spawned worker %d (pid %d, generation %d)", index, pid, generation)
+
+    def _become_worker(self, ctx: WorkerContext) -> None:
+        """In the forked child: shed the master's state, run the target, never return."""
+        code = 0
+        try:
+            self._restore_signals()
+            for key in list(self._selector.get_map().values()):
+                if isinstance(key.data, WorkerProcess):
+                    os.close(key.fd)
+            self._selector.close()
+            if self.control is not None:
+                self.control.sock.close()
+            _set_title(f"octopusd: worker {ctx.index} [{ctx.settings.app or 'octopus'}]")
+            self.target(ctx)
+        except OctopusError as exc:
+            ctx.report(f"error {exc}")
+            code = APP_LOAD_ERROR if type(exc).__name__ == "AppImportError" else WORKER_BOOT_ERROR
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            logging.getLogger("octopus.worker").exception("worker crashed")
+            code = WORKER_BOOT_ERROR
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _worker_ready(self, worker: WorkerProcess) -> None:
+        worker.ready = True
+        self.boot_failures = 0
+        log.info("worker %d booted (pid %d, generation %d)",
+                 worker.index, worker.pid, worker.generation)
+        if not self.booted and len(self._ready(self.generation)) >= self.num_workers:
+            self.booted = True
+            self._announce_ready()
+
+    def _announce_ready(self) -> None:
+        status = f"serving on {', '.join(self.listeners)} with {self.num_workers} worker(s)"
+        systemd.notify(f"READY=1\nSTATUS={status}\nMAINPID={self.pid}")
+        log.info("ready: %s", status)
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def reap_workers(self, block: bool = False) -> None:
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self._worker_exited(worker, status)
+            if block:
+                return
+
+    def _worker_exited(self, worker: WorkerProcess, status: int) -> None:
+        try:
+            self._read_report(worker)  # a last "error ..." line may be waiting
+            self._selector.unregister(worker.pipe)
+        except (KeyError, ValueError):
+            pass
+        os.close(worker.pipe)
+        self.scoreboard.release(worker.slot)
+        cause = describe_status(status)
+        name = f"worker {worker.index} (pid {worker.pid}, generation {worker.generation})"
+        if worker.retiring or self.stopping:
+            log.info("%s exited: %s", name, cause)
+        elif worker.generation == self.pending:
+            self._reload_failed(worker.error or f"a new worker failed to boot: {cause}")
+        elif not worker.ready:
+            self._boot_failed(name, worker.error or cause)
+        else:
+            self.restarts[worker.index] = self.restarts.get(worker.index, 0) + 1
+            log.warning("%s died: %s; replacing it", name, cause)
+
+    def _boot_failed(self, name: str, reason: str) -> None:
+        if not self.booted:
+            self.fatal = f"worker failed to boot: {reason}"
+            log.error("%s", self.fatal)
+            self.stop(graceful=False)
+            return
+        self.boot_failures += 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.boot_failures - 1))
+        self.next_spawn_at = time.monotonic() + delay
+        log.error("%s failed to boot: %s; next attempt in %.1fs", name, reason, delay)
+
+    def manage_workers(self) -> None:
+        now = time.monotonic()
+        self.murder_workers(now)
+        if self.stopping:
+            return
+        if self.pending is not None:
+            self._check_reload(now)
+        if now >= self.next_spawn_at:
+            present = {w.index for w in self._generation(self.generation) if not w.retiring}
+            for index in range(self.num_workers):
+                if index not in present:
+                    self.spawn_worker(index, self.generation, self.settings, self.listeners)
+
+    def murder_workers(self, now: float) -> None:
+        """SIGKILL past deadlines; SIGABRT (a traceback dump) to stuck workers."""
+        for worker in list(self.workers.values()):
+            if worker.kill_at is not None:
+                if now >= worker.kill_at:
+                    log.warning("worker %d (pid %d) did not exit in time; SIGKILL",
+                                worker.index, worker.pid)
+                    _kill(worker.pid, signal.SIGKILL)
+                    worker.kill_at = now + 60.0
+                continue
+            timeout = worker.settings.timeout
+            if worker.ready:
+                silent = now - self.scoreboard.read(worker.slot).heartbeat
+            else:
+                silent = now - worker.started
+            if silent > timeout:
+                what = "no heartbeat" if worker.ready else "not ready"
+                log.error("worker %d (pid %d) timed out (%s for %.1fs); killing it",
+                          worker.index, worker.pid, what, silent)
+                _kill(worker.pid, signal.SIGABRT)
+                worker.kill_at = now + KILL_GRACE
+
+    def _generation(self, generation: int) -> list[WorkerProcess]:
+        return [w for w in self.workers.values() if w.generation == generation]
+
+    def _ready(self, generation: int) -> list[WorkerProcess]:
+        return [w for w in self._generation(generation) if w.ready and not w.retiring]
+
+    def _retire(self, worker: WorkerProcess) -> None:
+        """Stop accepting; serve open connections for up to graceful_timeout."""
+        worker.retiring = True
+        self.scoreboard.set_state(worker.slot, RETIRING)
+        _kill(worker.pid, signal.SIGUSR2)
+        worker.kill_at = time.monotonic() + worker.settings.graceful_timeout + KILL_GRACE
+
+    # Reload: a generation swap.
+
+    def reload(self) -> None:
+        if self.stopping:
+            return
+        if self.pending is not None:
+            log.warning("SIGHUP: a reload is already in progress")
+            return
+        systemd.notify("RELOADING=1\nSTATUS=reloading")
+        log.info("SIGHUP: reloading")
+        try:
+            settings = self.settings
+            if settings.config_file is not None:
+                settings = config.load(settings.config_file, self.overrides)
+            self._pending_listeners = (
+                self.listeners if systemd_owned(self.listeners)
+                else self._bind(settings, keep=self.listeners)
+            )
+        except OctopusError as exc:
+            self._reload_failed(str(exc))
+            return
+        self.pending = self.generation + 1
+        self.pending_settings = settings
+        self.pending_since = time.monotonic()
+        for index in range(settings.workers):
+            self.spawn_worker(index, self.pending, settings, self._pending_listeners)
+
+    def _check_reload(self, now: float) -> None:
+        assert self.pending is not None
+        settings = self.pending_settings
+        if len(self._ready(self.pending)) >= settings.workers:
+            self._swap_generation()
+        elif now - self.pending_since > settings.timeout:
+            self._reload_failed(f"new workers not ready after {settings.timeout:g}s")
+
+    def _swap_generation(self) -> None:
+        assert self.pending is not None
+        for worker in self.workers.values():
+            if worker.generation != self.pending and not worker.retiring:
+                self._retire(worker)
+        for text, listener in self.listeners.items():
+            if text not in self._pending_listeners:
+                log.info("no longer listening on %s", listener.name)
+                listener.close()
+        for text in self._pending_listeners:
+            if text not in self.listeners:
+                log.info("listening on %s", self._pending_listeners[text].name)
+        self.listeners = self._pending_listeners
+        self.generation, self.pending = self.pending, None
+        self.settings = self.pending_settings
+        self.num_workers = self.settings.workers
+        self.restarts.clear()
+        self.reload_status = {"status": "ok", "error": None, "time": time.time()}
+        log.info("reload complete: generation %d serving", self.generation)
+        systemd.notify(f"READY=1\nSTATUS=reloaded; generation {self.generation} serving")
+
+    def _reload_failed(self, reason: str) -> None:
+        log.error("reload failed: %s; the running workers keep serving", reason)
+        self.reload_status = {"status": "failed", "error": reason, "time": time.time()}
+        if self.pending is not None:
+            for worker in self._generation(self.pending):
+                if not worker.retiring:
+                    self._retire(worker)
+            for text, listener in self._pending_listeners.items():
+                if text not in self.listeners:
+                    listener.close()
+            self.pending = None
+        self.pending_settings = self.settings
+        systemd.notify(f"READY=1\nSTATUS=reload failed: {reason}")
+
+    # Stop.
+
+    def stop(self, graceful: bool) -> None:
+        if self.stopping and graceful:
+            return
+        systemd.notify("STOPPING=1")
+        log.info("%s stop", "graceful" if graceful else "quick")
+        self.stopping = True
+        now = time.monotonic()
+        for worker in self.workers.values():
+            grace = worker.settings.graceful_timeout if graceful else QUICK_STOP
+            _kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+            worker.kill_at = min(worker.kill_at or float("inf"), now + grace + KILL_GRACE)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status shown by ``octopusd status``."""
+        now = time.time()
+        workers = []
+        for worker in sorted(self.workers.values(), key=lambda w: (w.generation, w.index)):
+            slot = self.scoreboard.read(worker.slot)
+            workers.append({
+                "pid": worker.pid, "index": worker.index, "generation": worker.generation,
+                "state": STATE_NAMES[slot.state], "age": round(now - slot.booted, 3),
+                "connections": slot.connections, "messages_in": slot.messages_in,
+                "messages_out": slot.messages_out, "accepted": slot.accepted,
+                "restarts": self.restarts.get(worker.index, 0)
+                if worker.generation == self.generation else 0,
+            })
+        return {
+            "master": {"pid": self.pid, "age": round(now - self.started, 3),
+                       "generation": self.generation, "workers": self.num_workers,
+                       "listening": list(self.listeners)},
+            "workers": workers,
+            "reload": dict(self.reload_status),
+        }
+
+
+def systemd_owned(listeners: dict[str, Listener]) -> bool:
+    """Sockets passed by systemd are kept across reloads; the bind setting is not re-read."""
+    return any(listener.address.kind == "fd" for listener in listeners.values())
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+def _set_title(title: str) -> None:
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(title)
+
+
+__all__ = ["APP_LOAD_ERROR", "READY", "WORKER_BOOT_ERROR", "Master", "WorkerContext"]
