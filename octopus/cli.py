@@ -1,0 +1,208 @@
+"""``octopusd``: the command line (SPEC section 2).
+
+Only this module exits: library code raises ``OctopusError`` and the user
+sees one line, ``octopusd: <reason>``, with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+import click
+
+from octopus import __version__, config, control, logs, pidfile
+from octopus.errors import OctopusError
+
+NOT_RUNNING = 3  # LSB: program is not running
+
+
+class UserError(click.ClickException):
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"octopusd: {self.format_message()}", err=True)
+
+
+class Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OctopusError as exc:
+            raise UserError(str(exc)) from None
+
+
+def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``--name-with-dashes`` option for every setting, from the one schema."""
+    for setting in reversed(config.SETTINGS):
+        decls = [f"{setting.flag}/--no-{setting.flag[2:]}"] if setting.is_flag else [setting.flag]
+        command = click.option(
+            *decls, setting.name, default=None, multiple=setting.multiple,
+            metavar=None if setting.is_flag else setting.metavar,
+            help=f"{setting.doc} [default: {setting.default_text}]",
+        )(command)
+    return command
+
+
+def config_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--config", "config_file", metavar="FILE",
+                        help="TOML config file (flat top-level keys).")(command)
+
+
+def load_settings(config_file: str | None, assignments: tuple[str, ...] = (),
+                  options: dict[str, Any] | None = None) -> tuple[config.Settings, dict[str, Any]]:
+    """Settings and the CLI overrides that made them (kept for reload)."""
+    overrides: dict[str, Any] = dict(config.parse_assignment(a) for a in assignments)
+    for name, value in (options or {}).items():
+        if value is not None and value != ():
+            overrides[name] = list(value) if isinstance(value, tuple) else value
+    return config.load(config_file, overrides), overrides
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="octopusd")
+def main() -> None:
+    """A prefork, epoll-based socket server."""
+
+
+@main.command()
+@config_option
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Any setting, e.g. --set idle_timeout=30.")
+@settings_options
+def start(config_file: str | None, assignments: tuple[str, ...], **options: Any) -> None:
+    """Start the master and its workers (in the foreground unless --daemon)."""
+    from octopus.master import Master
+
+    settings, overrides = load_settings(config_file, assignments, options)
+    if not settings.app:
+        raise UserError("no application: pass --app MODULE:CLASS or set app in the config")
+
+    def run(on_ready: Callable[[], None] | None = None) -> None:
+        logs.configure(settings.log_level, settings.log_file, settings.log_format)
+        Master(settings, overrides=overrides, on_ready=on_ready).run()
+
+    if settings.daemon:
+        from octopus.daemon import daemonize
+
+        daemonize(run, [])
+    else:
+        run()
+
+
+def _pid_file(config_file: str | None, path: str | None) -> str:
+    if path:
+        return path
+    settings, _ = load_settings(config_file)
+    if not settings.pidfile:
+        raise UserError("no pidfile: pass --pidfile, or --config with a pidfile setting",
+                        NOT_RUNNING)
+    return settings.pidfile
+
+
+def _running_pid(config_file: str | None, path: str | None) -> tuple[int, str]:
+    path = _pid_file(config_file, path)
+    pid = pidfile.read_pid(path)
+    if pid is None:
+        raise UserError(f"not running (no live process in pidfile {path})", NOT_RUNNING)
+    return pid, path
+
+
+def pidfile_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option("--pidfile", "pid_path", metavar="PATH",
+                           help="The master's pidfile.")(command)
+    return config_option(command)
+
+
+@main.command()
+@pidfile_options
+@click.option("--timeout", type=float, default=None, metavar="SECONDS",
+              help="How long to wait for the master to exit [graceful_timeout + 10].")
+@click.option("--quick", is_flag=True, help="Quick stop (SIGINT): close everything now.")
+def stop(config_file: str | None, pid_path: str | None, timeout: float | None,
+         quick: bool) -> None:
+    """Stop the master: gracefully (SIGTERM), or at once with --quick (SIGINT)."""
+    try:
+        pid, _ = _running_pid(config_file, pid_path)
+    except UserError as exc:
+        if exc.exit_code != NOT_RUNNING:
+            raise
+        click.echo(f"octopusd: {exc.format_message()}", err=True)
+        return
+    if timeout is None:
+        timeout = (load_settings(config_file)[0].graceful_timeout if config_file else 30) + 10
+    os.kill(pid, signal.SIGINT if quick else signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise UserError(f"master {pid} still running after {timeout:g}s")
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@main.command()
+@pidfile_options
+def reload(config_file: str | None, pid_path: str | None) -> None:
+    """Reload: new workers with fresh code, then retire the old ones (SIGHUP)."""
+    pid, _ = _running_pid(config_file, pid_path)
+    os.kill(pid, signal.SIGHUP)
+
+
+@main.command()
+@pidfile_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(config_file: str | None, pid_path: str | None, as_json: bool) -> None:
+    """Show the master, its workers and the last reload's outcome."""
+    pid, path = _running_pid(config_file, pid_path)
+    try:
+        snapshot = control.query(control.control_path(path))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"master {pid} does not answer on its control socket: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(snapshot))
+        return
+    master, reload_ = snapshot["master"], snapshot["reload"]
+    click.echo(f"master {master['pid']}: up {master['age']:.0f}s, generation "
+               f"{master['generation']}, listening on {', '.join(master['listening'])}")
+    for w in snapshot["workers"]:
+        click.echo(f"  worker {w['index']} pid {w['pid']} gen {w['generation']} {w['state']}: "
+                   f"age {w['age']:.0f}s, {w['connections']} connections, "
+                   f"{w['messages_in']} in, {w['messages_out']} out, "
+                   f"{w['restarts']} restarts")
+    if reload_["time"] is None:
+        click.echo("last reload: none")
+    else:
+        outcome = reload_["status"] + (f": {reload_['error']}" if reload_["error"] else "")
+        click.echo(f"last reload: {outcome}")
+
+
+@main.command()
+@config_option
+@click.option("--app", metavar="MODULE:CLASS", help="The application to import.")
+def check(config_file: str | None, app: str | None) -> None:
+    """Validate the configuration and import the application; bind nothing."""
+    from octopus import privileges
+    from octopus.importer import import_app, prepare_path
+
+    settings, _ = load_settings(config_file, options={"app": app})
+    privileges.check(settings.user, settings.group)
+    prepare_path(settings.chdir, settings.pythonpath)
+    cls = import_app(settings.app)
+    click.echo(f"ok: {settings.app} ({cls.__module__}.{cls.__qualname__}), "
+               f"{settings.workers} worker(s), bind {', '.join(settings.bind)}")
