@@ -15,10 +15,11 @@ Signals from the master (handled in the worker's loop, between callbacks):
 from __future__ import annotations
 
 import faulthandler
+import os
 import signal
 import sys
 
-from octopus import logs, privileges
+from octopus import broadcast, logs, privileges
 from octopus.connection import SocketConnection
 from octopus.importer import import_app, prepare_path
 from octopus.master import Target, WorkerContext
@@ -51,6 +52,9 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
     worker = Worker(ctx.listeners, connection_class, settings, exclusive=True,
                     accept_gate=lambda count: board.may_accept(slot, count))
     loop = worker.loop
+    # An idle loop must still beat several times per timeout.
+    loop.max_wait = min(loop.max_wait, settings.timeout / 4)
+    broadcast.attach(worker, settings, board, slot, namespace=str(os.getppid()))
     last_beat = 0.0
 
     def heartbeat(now: float) -> None:

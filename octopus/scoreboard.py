@@ -116,5 +116,15 @@ class Scoreboard:
                 total += unpack("=q", mem, offset + _CONNECTIONS_AT)[0]
         return ready <= 1 or connections * ready <= total + FAIR_SLACK * ready
 
+    def peers(self, index: int) -> list[tuple[int, int]]:
+        """(slot, pid) of every other worker that serves: ready or retiring."""
+        mem = self._mem
+        found = []
+        for other in range(_HEADER.unpack_from(mem, 0)[0]):
+            offset = self._offset(other)
+            if other != index and mem[offset + _STATE_AT] in (READY, RETIRING):
+                found.append((other, struct.unpack_from("=i", mem, offset)[0]))
+        return found
+
     def close(self) -> None:
         self._mem.close()

@@ -13,7 +13,7 @@ import signal
 import threading
 from typing import Any
 
-from octopus import config, logs
+from octopus import broadcast, config, logs
 from octopus.connection import SocketConnection
 from octopus.listeners import Listener, bind_all
 from octopus.worker import Worker
@@ -64,6 +64,7 @@ class Octopus:
             log.info("listening on %s", name)
         worker = Worker([listener.sock for listener in listeners],
                         self.connection_class, self.settings)
+        broadcast.attach(worker, self.settings)
         if threading.current_thread() is threading.main_thread():
             # A first signal drains; a second one closes everything at once.
             def on_stop() -> None:

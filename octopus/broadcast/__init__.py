@@ -1,0 +1,39 @@
+"""broadcast(): delivering one message to every connection of the application.
+
+A backend sets ``worker.broadcaster``; without one, a broadcast reaches the
+connections of the worker that sent it (one process: all of them).
+
+- ``local`` (``octopus.broadcast.local``): across the workers of one master,
+  over a mesh of Unix stream sockets between the workers.
+- ``redis://...`` (``octopus.broadcast.redis``): across every server that
+  subscribes to the same Redis channel.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from octopus.config import Settings
+from octopus.scoreboard import Scoreboard
+from octopus.worker import Worker
+
+
+def attach(worker: Worker, settings: Settings, board: Scoreboard | None = None,
+           slot: int = -1, namespace: str = "") -> None:
+    """Give ``worker`` the broadcast backend that ``settings.broadcast`` names."""
+    local = None
+    if board is not None:
+        from octopus.broadcast.local import LocalMesh
+
+        local = LocalMesh(worker, board, slot, namespace).publish
+    if settings.broadcast == "local":
+        worker.broadcaster = local
+        return
+    from octopus.broadcast.redis import RedisBroadcast
+
+    # One origin per server: its workers reach each other through the mesh
+    # and skip their own server's messages coming back from Redis.
+    origin = f"{socket.gethostname()}/{namespace or os.getpid()}"
+    worker.broadcaster = RedisBroadcast(worker, settings.broadcast, settings.broadcast_channel,
+                                        local=local, origin=origin).publish
