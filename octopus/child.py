@@ -15,7 +15,6 @@ Signals from the master (handled in the worker's loop, between callbacks):
 from __future__ import annotations
 
 import faulthandler
-import os
 import signal
 import sys
 
@@ -54,7 +53,7 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
     loop = worker.loop
     # An idle loop must still beat several times per timeout.
     loop.max_wait = min(loop.max_wait, settings.timeout / 4)
-    broadcast.attach(worker, settings, board, slot, namespace=str(os.getppid()))
+    broadcast.attach(worker, settings, board, slot, namespace=ctx.namespace)
     last_beat = 0.0
 
     def heartbeat(now: float) -> None:

@@ -47,7 +47,7 @@ EPOLLHUP = select.EPOLLHUP
 EPOLLRDHUP = select.EPOLLRDHUP
 EPOLLEXCLUSIVE = select.EPOLLEXCLUSIVE
 
-EventCallback = Callable[[int], None]
+EventCallback = Callable[[int], object]
 
 
 class Timer:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -58,6 +59,7 @@ class WorkerContext:
     index: int
     generation: int
     report_fd: int
+    namespace: str  # unique per master: names this server's broadcast links and origin
 
     def report(self, line: str) -> None:
         """Tell the master ``ready`` or ``error <reason>`` (one line)."""
@@ -128,6 +130,8 @@ class Master:
         self._signals: deque[int] = deque(maxlen=64)
         self._selector = selectors.DefaultSelector()
         self.scoreboard = Scoreboard()
+        # Distinct even for masters with equal pids in separate pid namespaces.
+        self.namespace = f"{os.getpid()}-{secrets.token_hex(8)}"
         self.control: ControlServer | None = None
 
     # Life cycle.
@@ -138,10 +142,13 @@ class Master:
         created_pidfile = False
         try:
             privileges.check(self.settings.user, self.settings.group)
-            self._bind_initial()
             if self.settings.pidfile:
+                # Before binding: a second start on a live pidfile is "already
+                # running", not "address already in use".
                 pidfile.create(self.settings.pidfile)
                 created_pidfile = True
+            self._bind_initial()
+            if self.settings.pidfile:
                 self.control = ControlServer(control_path(self.settings.pidfile))
                 self._selector.register(self.control, selectors.EVENT_READ, "control")
             self._install_signals()
@@ -166,8 +173,8 @@ class Master:
             self.listeners = {listener.name: listener for listener in inherited}
         else:
             self.listeners = self._bind(self.settings)
-        for name in self.listeners:
-            log.info("listening on %s", name)
+        for listener in self.listeners.values():
+            log.info("listening on %s", listener.name)
 
     def _bind(self, settings: config.Settings,
               keep: dict[str, Listener] | None = None) -> dict[str, Listener]:
@@ -318,7 +325,7 @@ class Master:
             os.close(read_fd)
             self._become_worker(WorkerContext(
                 settings, [listener.sock for listener in listeners.values()],
-                self.scoreboard, slot, index, generation, write_fd))
+                self.scoreboard, slot, index, generation, write_fd, self.namespace))
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         self.scoreboard.set_pid(slot, pid)
@@ -362,7 +369,8 @@ class Master:
             self._announce_ready()
 
     def _announce_ready(self) -> None:
-        status = f"serving on {', '.join(self.listeners)} with {self.num_workers} worker(s)"
+        names = ", ".join(listener.name for listener in self.listeners.values())
+        status = f"serving on {names} with {self.num_workers} worker(s)"
         systemd.notify(f"READY=1\nSTATUS={status}\nMAINPID={self.pid}")
         log.info("ready: %s", status)
         if self.on_ready is not None:
@@ -562,7 +570,7 @@ class Master:
         return {
             "master": {"pid": self.pid, "age": round(now - self.started, 3),
                        "generation": self.generation, "workers": self.num_workers,
-                       "listening": list(self.listeners)},
+                       "listening": [listener.name for listener in self.listeners.values()]},
             "workers": workers,
             "reload": dict(self.reload_status),
         }

@@ -117,12 +117,13 @@ class Scoreboard:
         return ready <= 1 or connections * ready <= total + FAIR_SLACK * ready
 
     def peers(self, index: int) -> list[tuple[int, int]]:
-        """(slot, pid) of every other worker that serves: ready or retiring."""
+        """(slot, pid) of every other live worker (one still booting may already
+        have accepted a connection before it reports ready)."""
         mem = self._mem
         found = []
         for other in range(_HEADER.unpack_from(mem, 0)[0]):
             offset = self._offset(other)
-            if other != index and mem[offset + _STATE_AT] in (READY, RETIRING):
+            if other != index and mem[offset + _STATE_AT] != FREE:
                 found.append((other, struct.unpack_from("=i", mem, offset)[0]))
         return found
 

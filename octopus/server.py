@@ -88,4 +88,7 @@ class Octopus:
         """Stop serving; safe to call from any thread or from a hook."""
         worker = self._worker
         if worker is not None:
-            worker.loop.call_soon_threadsafe(lambda: worker.stop(graceful))
+            try:
+                worker.loop.call_soon_threadsafe(lambda: worker.stop(graceful))
+            except OSError:  # EBADF: its loop closed meanwhile, so it has stopped
+                pass

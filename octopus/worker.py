@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 
 from octopus.config import Settings
 from octopus.connection import SocketConnection
+from octopus.errors import ConfigError
+from octopus.framing import FRAMINGS
 from octopus.loop import EPOLLEXCLUSIVE, EPOLLIN, Loop, Timer
 
 log = logging.getLogger("octopus.worker")
@@ -59,6 +61,11 @@ class Worker:
         accept_gate: Callable[[int], bool] | None = None,
         loop: Loop | None = None,
     ) -> None:
+        # Checked now: an unknown framing would otherwise fail every accept.
+        framing = connection_class.framing or settings.framing
+        if framing not in FRAMINGS:
+            raise ConfigError(f"{connection_class.__qualname__}.framing: expected one of "
+                              f"{', '.join(FRAMINGS)}, got {framing!r}")
         self.loop = loop or Loop()
         self.listeners = list(listeners)
         self.connection_class = connection_class
@@ -118,16 +125,17 @@ class Worker:
             return
         self.start_accepting()
 
-    def _accept(self, listener: socket.socket, mask: int) -> None:
+    def _accept(self, listener: socket.socket, mask: int) -> int:
+        """Accept up to ACCEPT_BURST connections; return how many were taken."""
         connections = self.connections
-        for _ in range(ACCEPT_BURST):
+        for taken in range(ACCEPT_BURST):
             if len(connections) >= self.max_connections:
                 self.pause_accepting()
-                return
+                return taken
             try:
                 sock, address = listener.accept()
             except BlockingIOError:
-                return
+                return taken
             except OSError as exc:
                 if exc.errno in _SKIP_ACCEPT_ERRNOS:
                     continue
@@ -135,12 +143,13 @@ class Worker:
                     log.warning("accept() failed: %s; pausing for %.1fs",
                                 exc.strerror, RESOURCE_RETRY)
                     self.pause_accepting(retry_after=RESOURCE_RETRY)
-                    return
+                    return taken
                 raise
             self._open(sock, address)
             if self.accept_gate is not None and not self.accept_gate(len(connections)):
                 self.pause_accepting(retry_after=GATE_RETRY)
-                return
+                return taken + 1
+        return ACCEPT_BURST
 
     def _open(self, sock: socket.socket, address: object) -> None:
         sock.setblocking(False)
@@ -186,8 +195,18 @@ class Worker:
         self._stop_when_drained()
 
     def retire(self) -> None:
-        """Stop accepting; serve open connections until they end or time runs out."""
+        """Stop accepting; serve open connections until they end or time runs out.
+
+        EPOLLEXCLUSIVE hands each incoming connection's wakeup to one waiter:
+        if that was us and we unregister before accepting, no other worker is
+        woken for it. So, once unregistered (new connections then wake the
+        others), accept what is already waiting and serve it too.
+        """
         self.pause_accepting()
+        self.accept_gate = None
+        for listener in self.listeners:
+            while self._accept(listener, 0) == ACCEPT_BURST:
+                pass
         self._stopping = True
         self._stop_when_drained()
 

@@ -11,7 +11,7 @@ connections of the worker that sent it (one process: all of them).
 
 from __future__ import annotations
 
-import os
+import secrets
 import socket
 
 from octopus.config import Settings
@@ -34,6 +34,6 @@ def attach(worker: Worker, settings: Settings, board: Scoreboard | None = None,
 
     # One origin per server: its workers reach each other through the mesh
     # and skip their own server's messages coming back from Redis.
-    origin = f"{socket.gethostname()}/{namespace or os.getpid()}"
+    origin = f"{socket.gethostname()}/{namespace or secrets.token_hex(8)}"
     worker.broadcaster = RedisBroadcast(worker, settings.broadcast, settings.broadcast_channel,
                                         local=local, origin=origin).publish
