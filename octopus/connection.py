@@ -29,7 +29,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from octopus.framing import NEED_DATA, FrameError, make_framer
+from octopus.framing import FrameError, make_framer
 from octopus.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Timer
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class SocketConnection:
 
     __slots__ = (
         "_connected",
+        "_corked",
         "_events",
         "_fd",
         "_framer",
@@ -74,6 +75,7 @@ class SocketConnection:
     _fd: int
     _state: int
     _connected: bool
+    _corked: bool
     _peer_done: bool
     _wbuf: bytearray
     _events: int
@@ -102,10 +104,14 @@ class SocketConnection:
             return
         if self._framer is not None:
             data = self._framer.frame(data)
-        self._worker.messages_out += 1
-        if self._wbuf:
-            self._wbuf += data
-            if len(self._wbuf) > self._worker.max_write_buffer:
+        worker = self._worker
+        worker.messages_out += 1
+        wbuf = self._wbuf
+        # Output already waits, or replies are being gathered while a read is
+        # dispatched (corked): append, and let the flush write it in order.
+        if wbuf or self._corked:
+            wbuf += data
+            if len(wbuf) > worker.max_write_buffer:
                 self._slow_consumer()
             return
         try:
@@ -116,8 +122,8 @@ class SocketConnection:
             self._lost(exc)
             return
         if sent < len(data):
-            self._wbuf += memoryview(data)[sent:]
-            if len(self._wbuf) > self._worker.max_write_buffer:
+            wbuf += memoryview(data)[sent:]
+            if len(wbuf) > worker.max_write_buffer:
                 self._slow_consumer()
             else:
                 self._watch(EPOLLIN | EPOLLOUT)
@@ -153,6 +159,7 @@ class SocketConnection:
         self._state = OPEN
         self._connected = False
         self._peer_done = False
+        self._corked = False
         self._wbuf = bytearray()
         self._idle_timer = None
         self.address = address
@@ -175,13 +182,17 @@ class SocketConnection:
 
     def _on_events(self, mask: int) -> None:
         state = self._state
-        if mask & _READABLE and state != CLOSING:
-            self._on_readable()
-            state = self._state
+        if mask & _READABLE:
+            if state == OPEN:
+                self._on_readable()
+                state = self._state
+            elif state == LINGER:
+                self._on_linger_input()
+                return
         # In CLOSING we no longer read, so an error or hang-up must surface
         # through a write attempt; otherwise level-triggered HUP would spin.
-        if (self._wbuf and state in (OPEN, CLOSING)
-                and (mask & EPOLLOUT or (mask & _READABLE and state == CLOSING))):
+        # (Pending output implies OPEN or CLOSING: closing clears it.)
+        if self._wbuf and (mask & EPOLLOUT or state == CLOSING):
             self._flush()
 
     def _on_readable(self) -> None:
@@ -192,41 +203,62 @@ class SocketConnection:
         except OSError as exc:
             self._lost(exc)
             return
-        if self._state == LINGER:
-            if not data:
-                self._finish()
-            return
         if self._idle_timer is not None:
             self._last_input = self._worker.loop.time
-        if self._framer is None:
-            if data:
-                self._worker.messages_in += 1
-                self._deliver(data)
-            else:
-                self._peer_eof()
-            return
-        framer = self._framer
-        framer.feed(data)
-        while self._state == OPEN:
-            try:
-                message = framer.next_message()
-            except FrameError as exc:
-                log.info("closing %r: %s", self, exc)
-                self._abort()
-                return
-            if message is NEED_DATA:
-                break
+        if self._framer is not None:
+            self._on_framed_input(data)
+        elif data:
+            # The raw hot path: one read, one message.
             self._worker.messages_in += 1
-            self._deliver(message)
+            try:
+                self.receive(data)
+            except Exception:
+                app_log.error("Error in receive() of %r", self, exc_info=True)
+                self._abort()
+        else:
+            self._peer_eof()
+
+    def _on_framed_input(self, data: bytes) -> None:
+        """Deliver every complete message; replies to a batch are corked into one write."""
+        assert self._framer is not None
+        try:
+            messages = self._framer.feed_messages(data)
+        except FrameError as exc:
+            log.info("closing %r: %s", self, exc)
+            self._abort()
+            return
+        if messages:
+            self._worker.messages_in += len(messages)
+            if len(messages) == 1:
+                self._receive(messages[0])
+            else:
+                self._corked = True
+                for message in messages:
+                    if self._state != OPEN:
+                        break
+                    self._receive(message)
+                self._corked = False
+                if self._wbuf and not self._events & EPOLLOUT:
+                    self._flush()
         if not data:
             self._peer_eof()
 
-    def _deliver(self, message: bytes) -> None:
+    def _receive(self, message: bytes) -> None:
         try:
             self.receive(message)
         except Exception:
             app_log.error("Error in receive() of %r", self, exc_info=True)
             self._abort()
+
+    def _on_linger_input(self) -> None:
+        try:
+            data = self._sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._finish()
 
     def _run_hook(self, hook: Callable[[], object]) -> None:
         try:
@@ -252,11 +284,13 @@ class SocketConnection:
             self._lost(exc)
             return
         del self._wbuf[:sent]
-        if not self._wbuf:
+        if self._wbuf:
             if self._state == OPEN:
-                self._watch(EPOLLIN)
-            else:
-                self._after_output()
+                self._watch(EPOLLIN | EPOLLOUT)
+        elif self._state == OPEN:
+            self._watch(EPOLLIN)
+        else:
+            self._after_output()
 
     def _after_output(self) -> None:
         """In CLOSING: finish once nothing is pending, else wait for EPOLLOUT."""

@@ -34,6 +34,8 @@ class Octopus:
         self.addresses: list[str] = []  # as bound, e.g. "127.0.0.1:43123"
         self._worker: Worker | None = None
         self._started = threading.Event()
+        self._stop_requested: bool | None = None  # stop() before the worker existed
+        self._lock = threading.Lock()
 
     def listen(self, address: str | int = 9876) -> None:
         """Listen on a TCP port (all interfaces), "host:port", or a Unix socket path."""
@@ -72,13 +74,18 @@ class Octopus:
 
             worker.loop.add_signal_handler(signal.SIGINT, on_stop)
             worker.loop.add_signal_handler(signal.SIGTERM, on_stop)
-        self._worker = worker
+        with self._lock:
+            self._worker = worker
+            if self._stop_requested is not None:
+                worker.stop(self._stop_requested)
         self._started.set()
         try:
             worker.run()
         finally:
+            with self._lock:
+                self._worker = None
+                self._stop_requested = None
             worker.loop.close()
-            self._worker = None
 
     def wait_started(self, timeout: float | None = None) -> bool:
         """Block until the server accepts (for embedding and tests)."""
@@ -86,9 +93,9 @@ class Octopus:
 
     def stop(self, graceful: bool = True) -> None:
         """Stop serving; safe to call from any thread or from a hook."""
-        worker = self._worker
-        if worker is not None:
-            try:
+        with self._lock:
+            worker = self._worker
+            if worker is None:
+                self._stop_requested = graceful
+            else:
                 worker.loop.call_soon_threadsafe(lambda: worker.stop(graceful))
-            except OSError:  # EBADF: its loop closed meanwhile, so it has stopped
-                pass

@@ -32,6 +32,7 @@ from octopus.framing import FRAMINGS
 from octopus.loop import EPOLLEXCLUSIVE, EPOLLIN, Loop, Timer
 
 log = logging.getLogger("octopus.worker")
+app_log = logging.getLogger("octopus.app")
 
 ACCEPT_BURST = 64
 RESOURCE_RETRY = 0.5  # seconds before trying accept() again after EMFILE and kin
@@ -85,6 +86,7 @@ class Worker:
         self.slow_consumers = 0
         self.accepting = False
         self._resume_timer: Timer | None = None
+        self._short_of_resources = False
         self._stopping = False
 
     def run(self) -> None:
@@ -140,11 +142,15 @@ class Worker:
                 if exc.errno in _SKIP_ACCEPT_ERRNOS:
                     continue
                 if exc.errno in _RESOURCE_ERRNOS:
-                    log.warning("accept() failed: %s; pausing for %.1fs",
-                                exc.strerror, RESOURCE_RETRY)
+                    # Once per shortage, not at every retry.
+                    log.log(logging.DEBUG if self._short_of_resources else logging.WARNING,
+                            "accept() failed: %s; pausing for %.1fs",
+                            exc.strerror, RESOURCE_RETRY)
+                    self._short_of_resources = True
                     self.pause_accepting(retry_after=RESOURCE_RETRY)
                     return taken
                 raise
+            self._short_of_resources = False
             self._open(sock, address)
             if self.accept_gate is not None and not self.accept_gate(len(connections)):
                 self.pause_accepting(retry_after=GATE_RETRY)
@@ -155,7 +161,13 @@ class Worker:
         sock.setblocking(False)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = self.connection_class.__new__(self.connection_class)
+        try:
+            conn = self.connection_class()
+        except Exception:
+            app_log.error("Error in %s() constructor", self.connection_class.__qualname__,
+                          exc_info=True)
+            sock.close()
+            return
         self.connections[sock.fileno()] = conn
         self.accepted += 1
         conn._start(self, sock, address)

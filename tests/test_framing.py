@@ -23,6 +23,7 @@ from octopus.framing import (
     RawFramer,
     make_framer,
 )
+from octopus.framing import drain as feed_and_drain
 
 MAX = 64
 
@@ -337,3 +338,24 @@ def test_length_roundtrip(messages: list[bytes], points: list[int]) -> None:
 @given(chunks=st.lists(st.binary(min_size=1)))
 def test_raw_roundtrip(chunks: list[bytes]) -> None:
     assert feed_chunks(RawFramer(), chunks) == chunks
+
+
+@pytest.mark.parametrize("name", ["raw", "line", "length"])
+@given(chunks=st.lists(st.binary(min_size=1, max_size=40), max_size=12),
+       max_size=st.integers(0, 24))
+def test_feed_messages_matches_feed_then_next_message(
+        name: str, chunks: list[bytes], max_size: int) -> None:
+    """The batch path gives the same messages and the same error as the sans-IO one."""
+    batch, stepwise = make_framer(name, max_size), make_framer(name, max_size)
+    for chunk in [*chunks, b""]:
+        try:
+            expected: list[bytes] | type[FrameError] = feed_and_drain(stepwise, chunk)
+        except FrameError:
+            expected = FrameError
+        try:
+            got: list[bytes] | type[FrameError] = batch.feed_messages(chunk)
+        except FrameError:
+            got = FrameError
+        assert got == expected
+        if expected is FrameError:
+            return
