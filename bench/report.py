@@ -131,7 +131,8 @@ def echo_table(runs: list[Run]) -> list[str]:
 
 def broadcast_table(runs: list[Run]) -> list[str]:
     lines = header(["scenario", "server", "deliveries/s", "sent/s", "server CPU µs/delivery",
-                    "p99 µs", "missing", "out of order", "errors", "CPU vs asyncio-bcast"])
+                    "p50 µs", "p99 µs", "missing", "out of order", "errors",
+                    "CPU vs asyncio-bcast"])
     for scenario, servers in by_scenario(runs).items():
         ref = servers.get("asyncio-bcast")
         for server, rs in servers.items():
@@ -140,6 +141,7 @@ def broadcast_table(runs: list[Run]) -> list[str]:
                 spread(values(rs, msgs), si),
                 si(med(rs, "sent_per_s")),
                 spread(values(rs, cpu_per_msg), num),
+                num(med(rs, "lat_p50"), 0),
                 num(med(rs, "lat_p99"), 0),
                 str(sum(int(r.get("missing", 0)) for r in rs)),
                 str(sum(int(r.get("out_of_order", 0)) for r in rs)),

@@ -25,6 +25,7 @@ import re
 import resource
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -333,6 +334,9 @@ def select_servers(args: argparse.Namespace) -> list[ServerSpec]:
     if problem:
         log(f"octopus is not importable ({problem}): its servers are left out")
         specs = [s for s in specs if not s.octopus]
+    if "octopus-redis" in names and shutil.which("redis-server") is None:
+        log("redis-server is not installed: octopus-redis is left out")
+        specs = [s for s in specs if s.name != "octopus-redis"]
     return specs
 
 

@@ -48,6 +48,8 @@ SERVERS: dict[str, ServerSpec] = {
                    kind="broadcast", max_workers=1),
         ServerSpec("octopus-bcast", (PY, str(PEERS / "octopus_broadcast.py")),
                    kind="broadcast", octopus=True),
+        ServerSpec("octopus-redis", (PY, str(PEERS / "octopus_broadcast.py"), "--redis"),
+                   kind="broadcast", octopus=True),
     )
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -239,3 +240,47 @@ def test_import_master_leaves_out_the_loop_and_the_app(tmp_path: Path) -> None:
     assert "octopus.loop" not in modules
     assert "octopus.child" not in modules
     assert "app" not in modules
+
+
+def test_worker_failing_to_boot_is_retried_with_growing_backoff(
+        tmp_path: Path, servers: procs.Servers) -> None:
+    procs.write_app(tmp_path, procs.PID_APP)
+    server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0", "--workers", "2")
+    port = server.wait_ready()
+    survivor, victim = server.wait_workers(2)
+    # From now on a fresh import fails: the replacement cannot boot.
+    procs.write_app(tmp_path, "raise RuntimeError('broken on purpose')\n")
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for_log("next attempt in", count=3)
+    delays = [float(line.rsplit("next attempt in ", 1)[1].rstrip("s"))
+              for line in server.log.splitlines() if "next attempt in" in line]
+    assert delays[:3] == sorted(delays[:3]) and delays[0] < delays[2], delays
+    assert "RuntimeError: broken on purpose" in server.log
+    # The master and the healthy worker keep serving meanwhile.
+    assert survivor in server.workers()
+    with procs.connect(port) as sock:
+        assert int(procs.ask(sock)) == survivor
+    # Once the code is fixed, the next attempt boots.
+    procs.write_app(tmp_path, procs.PID_APP)
+    server.wait_workers(2, timeout=15)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_workers_drop_privileges_the_master_keeps_its_own(
+        tmp_path: Path, servers: procs.Servers) -> None:
+    procs.write_app(tmp_path, procs.PID_APP)
+    tmp_path.chmod(0o755)  # the unprivileged worker imports the app from here
+    server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0", "--workers", "1",
+                           "--user", "nobody", "--umask", "0077")
+    server.wait_ready()
+    (worker,) = server.wait_workers(1)
+
+    def field(pid: int, name: str) -> str:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return line.split()[1]
+        raise AssertionError(f"no {name} line")
+
+    assert int(field(worker, "Uid")) == pwd.getpwnam("nobody").pw_uid
+    assert field(worker, "Umask") == "0077"
+    assert int(field(server.pid, "Uid")) == 0

@@ -19,12 +19,16 @@ BACKLOG = 2048  # octopus's default, so no peer loses connections to a short que
 PR_SET_PDEATHSIG = 1
 
 
-def parse_args(description: str, framing: bool = False) -> argparse.Namespace:
+def parse_args(description: str, framing: bool = False,
+               redis: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--bind", default="127.0.0.1:9876", help="HOST:PORT or unix:PATH")
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the socket")
     if framing:
         parser.add_argument("--framing", choices=["raw", "line"], default="raw")
+    if redis:
+        parser.add_argument("--redis", action="store_true",
+                            help="broadcast through a private redis-server")
     return parser.parse_args()
 
 
