@@ -15,10 +15,13 @@ Signals from the master (handled in the worker's loop, between callbacks):
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import signal
 import sys
 
 from octopus import broadcast, logs, privileges
+from octopus.broadcast import local as _local  # noqa: F401  (see drop_privileges)
+from octopus.config import Settings
 from octopus.connection import SocketConnection
 from octopus.importer import import_app, prepare_path
 from octopus.master import Target, WorkerContext
@@ -29,7 +32,12 @@ HEARTBEAT_INTERVAL = 0.1  # seconds between scoreboard writes from the loop
 
 
 def run_app(ctx: WorkerContext) -> None:
-    """Import ``settings.app`` (fresh code: the master never imported it) and serve it."""
+    """Import ``settings.app`` (fresh code: the master never imported it) and serve it.
+
+    The application is imported after privileges are dropped, so its
+    import-time code never runs as the master's user.
+    """
+    drop_privileges(ctx.settings)
     prepare_path(ctx.settings.chdir, ctx.settings.pythonpath)
     serve(ctx, import_app(ctx.settings.app))
 
@@ -38,14 +46,22 @@ def run_class(connection_class: type[SocketConnection]) -> Target:
     """A target serving a class the calling program already holds (``Octopus(cls)``)."""
 
     def target(ctx: WorkerContext) -> None:
+        drop_privileges(ctx.settings)
         serve(ctx, connection_class)
 
     return target
 
 
+def drop_privileges(settings: Settings) -> None:
+    # Import what the worker will need while the files are surely readable:
+    # the new user may not reach the directories octopus was installed in.
+    if settings.broadcast != "local":
+        importlib.import_module("octopus.broadcast.redis")
+    privileges.drop(settings.user, settings.group, settings.umask)
+
+
 def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
     settings = ctx.settings
-    privileges.drop(settings.user, settings.group, settings.umask)
     faulthandler.enable(file=sys.stderr, all_threads=True)
     board, slot = ctx.scoreboard, ctx.slot
     worker = Worker(ctx.listeners, connection_class, settings, exclusive=True,

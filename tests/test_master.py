@@ -6,10 +6,12 @@ import hashlib
 import json
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +48,16 @@ BIG = {BIG}
 class App(SocketConnection):
     def receive(self, message):
         self.send(bytes(range(256)) * (BIG // 256))
+"""
+
+WHOAMI_APP = """
+
+IMPORTED_AS = os.getuid()
+
+
+class WhoAmI(App):
+    def receive(self, message):
+        self.send(b"%d" % IMPORTED_AS)
 """
 
 FAILING_HOOK_APP = procs.PID_APP + """
@@ -266,21 +278,31 @@ def test_worker_failing_to_boot_is_retried_with_growing_backoff(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
-def test_workers_drop_privileges_the_master_keeps_its_own(
+def test_workers_drop_privileges_before_importing_the_app(
         tmp_path: Path, servers: procs.Servers) -> None:
-    procs.write_app(tmp_path, procs.PID_APP)
-    tmp_path.chmod(0o755)  # the unprivileged worker imports the app from here
-    server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0", "--workers", "1",
-                           "--user", "nobody", "--umask", "0077")
-    server.wait_ready()
-    (worker,) = server.wait_workers(1)
-
     def field(pid: int, name: str) -> str:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(name + ":"):
                 return line.split()[1]
         raise AssertionError(f"no {name} line")
 
-    assert int(field(worker, "Uid")) == pwd.getpwnam("nobody").pw_uid
-    assert field(worker, "Umask") == "0077"
-    assert int(field(server.pid, "Uid")) == 0
+    nobody = pwd.getpwnam("nobody").pw_uid
+    # The app lives where the unprivileged user can read it (pytest's own
+    # temporary directories are private to root).
+    app_dir = Path(tempfile.mkdtemp(prefix="octopus-app-"))
+    try:
+        app_dir.chmod(0o755)
+        procs.write_app(app_dir, procs.PID_APP + WHOAMI_APP)
+        server = servers.start("--app", "app:WhoAmI", "--chdir", str(app_dir),
+                               "--bind", "127.0.0.1:0", "--workers", "1",
+                               "--user", "nobody", "--umask", "0077")
+        port = server.wait_ready()
+        (worker,) = server.wait_workers(1)
+        with procs.connect(port) as sock:
+            # The app's import-time code already ran as the new user.
+            assert int(procs.ask(sock)) == nobody
+        assert int(field(worker, "Uid")) == nobody
+        assert field(worker, "Umask") == "0077"
+        assert int(field(server.pid, "Uid")) == 0  # the master keeps its own
+    finally:
+        shutil.rmtree(app_dir)
