@@ -184,7 +184,28 @@ class SocketConnection:
         state = self._state
         if mask & _READABLE:
             if state == OPEN:
-                self._on_readable()
+                # The hot path: read, then hand the bytes to the framer or,
+                # raw, straight to receive() (one read, one message).
+                try:
+                    data = self._sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    self._lost(exc)
+                    return
+                if self._idle_timer is not None:
+                    self._last_input = self._worker.loop.time
+                if self._framer is not None:
+                    self._on_framed_input(data)
+                elif data:
+                    self._worker.messages_in += 1
+                    try:
+                        self.receive(data)
+                    except Exception:
+                        app_log.error("Error in receive() of %r", self, exc_info=True)
+                        self._abort()
+                else:
+                    self._peer_eof()
                 state = self._state
             elif state == LINGER:
                 self._on_linger_input()
@@ -194,29 +215,6 @@ class SocketConnection:
         # (Pending output implies OPEN or CLOSING: closing clears it.)
         if self._wbuf and (mask & EPOLLOUT or state == CLOSING):
             self._flush()
-
-    def _on_readable(self) -> None:
-        try:
-            data = self._sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._lost(exc)
-            return
-        if self._idle_timer is not None:
-            self._last_input = self._worker.loop.time
-        if self._framer is not None:
-            self._on_framed_input(data)
-        elif data:
-            # The raw hot path: one read, one message.
-            self._worker.messages_in += 1
-            try:
-                self.receive(data)
-            except Exception:
-                app_log.error("Error in receive() of %r", self, exc_info=True)
-                self._abort()
-        else:
-            self._peer_eof()
 
     def _on_framed_input(self, data: bytes) -> None:
         """Deliver every complete message; replies to a batch are corked into one write."""
