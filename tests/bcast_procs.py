@@ -13,28 +13,22 @@ selector until each has what the test waits for, or fails at a deadline.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
 import selectors
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from tests import procs
 from tests.helpers import wait_until
 
-OCTOPUSD = shutil.which("octopusd") or str(Path(sys.executable).with_name("octopusd"))
+OCTOPUSD = procs.OCTOPUSD
 REDIS_SERVER = shutil.which("redis-server")
-LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 
 # Line framing; "pid?" asks which worker serves this connection, any other
 # line is broadcast to every connection of the server.
@@ -59,84 +53,7 @@ def write_app(directory: Path, source: str = BROADCAST_APP, name: str = "app") -
     (directory / f"{name}.py").write_text(textwrap.dedent(source))
 
 
-def server_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return env
-
-
-class Process:
-    """A process group started here, its output collected line by line."""
-
-    def __init__(self, argv: list[str], cwd: Path) -> None:
-        self.proc = subprocess.Popen(
-            argv, cwd=cwd, env=server_env(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )
-        self.pid = self.proc.pid
-        self.lines: list[str] = []
-        # Always drained, so that a chatty process never blocks on a full pipe.
-        self._reader = threading.Thread(target=self._read_output, daemon=True)
-        self._reader.start()
-
-    def _read_output(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in list(self.lines))
-
-    def wait_for_log(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
-        def seen() -> bool:
-            if self.count(text) >= count:
-                return True
-            if self.proc.poll() is not None:
-                self._reader.join(2)
-                if self.count(text) >= count:
-                    return True
-                raise AssertionError(f"{self.proc.args[0]} exited ({self.proc.returncode}) "
-                                     f"before logging {text!r}:\n{self.log}")
-            return False
-
-        wait_until(seen, timeout, message=f"{count} x {text!r} in the log:\n{self.log}")
-
-    def kill(self) -> None:
-        """Kill the whole process group; safe to call more than once."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._reader.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-class Octopusd(Process):
-    port = 0
-
-    def wait_ready(self, timeout: float = 15.0) -> int:
-        """Wait until every first worker accepts; return the port."""
-        self.wait_for_log("ready: serving on", timeout=timeout)
-        match = next(m for line in list(self.lines) if (m := LISTENING.search(line)))
-        self.port = int(match.group(1))
-        return self.port
-
-    def workers(self) -> list[int]:
-        """The master's child processes (its workers), from /proc."""
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(child) for child in text.split()]
-
-
-class Redis(Process):
+class Redis(procs.ProcessGroup):
     port = 0
 
 
@@ -145,13 +62,14 @@ class Procs:
 
     def __init__(self, cwd: Path) -> None:
         self.cwd = cwd
-        self.started: list[Process] = []
+        self.started: list[procs.ProcessGroup] = []
         self.opened: list[Client] = []
 
-    def octopusd(self, *args: str, cwd: Path | None = None) -> Octopusd:
-        server = Octopusd([OCTOPUSD, "start", "--bind", "127.0.0.1:0", *args], cwd or self.cwd)
+    def octopusd(self, *args: str, cwd: Path | None = None) -> procs.Octopusd:
+        server = procs.Octopusd([OCTOPUSD, "start", "--bind", "127.0.0.1:0", *args],
+                                cwd or self.cwd, procs.server_env())
         self.started.append(server)
-        server.wait_ready()
+        server.wait_ready(timeout=15)
         return server
 
     def redis(self, port: int = 0, attempts: int = 5) -> Redis:
@@ -161,7 +79,7 @@ class Procs:
             chosen = port or free_port()
             server = Redis([REDIS_SERVER, "--port", str(chosen), "--bind", "127.0.0.1",
                             "--save", "", "--appendonly", "no", "--dir", str(self.cwd)],
-                           self.cwd)
+                           self.cwd, merge_stdout=True)
             server.port = chosen
             self.started.append(server)
             try:
@@ -216,7 +134,7 @@ def free_port() -> int:
 def status(pidfile: Path) -> dict[str, Any]:
     """``octopusd status --json``."""
     result = subprocess.run([OCTOPUSD, "status", "--pidfile", str(pidfile), "--json"],
-                            capture_output=True, text=True, timeout=20, env=server_env(),
+                            capture_output=True, text=True, timeout=20, env=procs.server_env(),
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
     snapshot: dict[str, Any] = json.loads(result.stdout)

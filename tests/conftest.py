@@ -16,10 +16,7 @@ thread is stopped with ``server.stop()``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -31,6 +28,7 @@ import pytest
 
 from octopus import Octopus, SocketConnection
 from tests.helpers import wait_until
+from tests.procs import ProcessGroup
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,43 +47,10 @@ server.start()
 _LISTENING = re.compile(r"listening on (\S+)")
 
 
-class ServerProcess:
+class ServerProcess(ProcessGroup):
     """A server subprocess in its own process group, with its stderr collected."""
 
-    def __init__(self, argv: list[str], cwd: Path) -> None:
-        self.proc = subprocess.Popen(
-            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )
-        self.pid = self.proc.pid
-        self.lines: list[str] = []
-        # Always drained, so that a chatty server never blocks on a full pipe.
-        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
-        self._reader.start()
-        self.address = ""
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def count(self, text: str) -> int:
-        """How many stderr lines contain ``text``."""
-        return sum(text in line for line in list(self.lines))
-
-    def wait_for_log(self, text: str, count: int = 1, timeout: float = 5.0) -> None:
-        def seen() -> bool:
-            if self.proc.poll() is not None and self.count(text) < count:
-                self._reader.join(2)
-                raise AssertionError(f"server exited ({self.proc.returncode}) "
-                                     f"before logging {text!r}:\n{self.log}")
-            return self.count(text) >= count
-
-        wait_until(seen, timeout, message=f"{count} x {text!r} in the server log")
+    address = ""
 
     def wait_listening(self, timeout: float = 10.0) -> str:
         self.wait_for_log("listening on ", timeout=timeout)
@@ -99,26 +64,6 @@ class ServerProcess:
     @property
     def port(self) -> int:
         return int(self.address.rpartition(":")[2])
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 10.0) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        """Kill the whole process group; safe to call more than once."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(10)
-        self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 @pytest.fixture

@@ -65,23 +65,30 @@ def server_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class Octopusd:
-    """One ``octopusd start`` process group, its stderr collected line by line."""
+class ProcessGroup:
+    """A process started as a group of its own, its output collected line by line.
 
-    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+    stderr is collected (with stdout too when ``merge_stdout``); it is always
+    drained, so that a chatty process never blocks on a full pipe.
+    """
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None,
+                 merge_stdout: bool = False) -> None:
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, start_new_session=True,
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if merge_stdout else subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if merge_stdout else subprocess.PIPE,
+            text=True, start_new_session=True,
         )
+        self._output = self.proc.stdout if merge_stdout else self.proc.stderr
         self.pid = self.proc.pid
         self.lines: list[str] = []
-        self.port = 0
-        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
 
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+    def _read_output(self) -> None:
+        assert self._output is not None
+        for line in self._output:
             self.lines.append(line.rstrip("\n"))
 
     @property
@@ -89,6 +96,7 @@ class Octopusd:
         return "\n".join(self.lines)
 
     def count(self, text: str) -> int:
+        """How many output lines contain ``text``."""
         return sum(text in line for line in list(self.lines))
 
     def wait_for_log(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
@@ -99,11 +107,35 @@ class Octopusd:
                 self._reader.join(2)
                 if self.count(text) >= count:
                     return True
-                raise AssertionError(f"octopusd exited ({self.proc.returncode}) before "
-                                     f"logging {text!r}:\n{self.log}")
+                raise AssertionError(f"{Path(self.proc.args[0]).name} exited "
+                                     f"({self.proc.returncode}) before logging {text!r}:"
+                                     f"\n{self.log}")
             return False
 
         wait_until(seen, timeout, message=f"{count} x {text!r} in the log:\n{self.log}")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        """Kill the whole process group; safe to call more than once."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._reader.join(5)
+        if self._output is not None:
+            self._output.close()
+
+
+class Octopusd(ProcessGroup):
+    """One ``octopusd start`` process group."""
+
+    port = 0
 
     def wait_ready(self, timeout: float = 10.0) -> int:
         """Wait until the first workers accept; return the TCP port it listens on."""
@@ -132,23 +164,6 @@ class Octopusd:
             return pids if len(pids) == count and not set(pids) & set(without) else None
 
         return wait_until(found, timeout, message=f"{count} workers; log:\n{self.log}")
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 10.0) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        """Kill the whole process group; safe to call more than once."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 class Servers:
