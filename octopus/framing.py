@@ -135,18 +135,14 @@ class RawFramer:
         return message
 
 
-class LineFramer:
-    """Newline-delimited messages; see the module docstring."""
+class _BufferedFramer:
+    """What the line and length framers share: a bytearray and EOF."""
 
-    __slots__ = ("_buf", "_eof", "_find", "_max", "_searched")
-    name = "line"
+    __slots__ = ("_buf", "_eof", "_max")
 
     def __init__(self, max_size: int) -> None:
         self._max = _check_max_size(max_size)
         self._buf = bytearray()
-        self._find = self._buf.find
-        # Invariant: _buf[:_searched] contains no b"\n" (never scanned twice).
-        self._searched = 0
         self._eof = False
 
     @property
@@ -161,6 +157,19 @@ class LineFramer:
             self._buf += data
         else:
             self._eof = True
+
+
+class LineFramer(_BufferedFramer):
+    """Newline-delimited messages; see the module docstring."""
+
+    __slots__ = ("_find", "_searched")
+    name = "line"
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__(max_size)
+        self._find = self._buf.find
+        # Invariant: _buf[:_searched] contains no b"\n" (never scanned twice).
+        self._searched = 0
 
     def next_message(self) -> bytes | NeedData:
         buf = self._buf
@@ -207,32 +216,17 @@ class LineFramer:
         return message + b"\n"
 
 
-class LengthFramer:
+class LengthFramer(_BufferedFramer):
     """Messages behind a 4-byte big-endian length prefix; see the module docstring."""
 
-    __slots__ = ("_buf", "_eof", "_max", "_need")
+    __slots__ = ("_need",)
     name = "length"
 
     def __init__(self, max_size: int) -> None:
-        self._max = _check_max_size(max_size)
-        self._buf = bytearray()
+        super().__init__(max_size)
         # Body length of the frame at the front of _buf, once its header is
         # parsed and checked against _max; -1 while the header is pending.
         self._need = -1
-        self._eof = False
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held but not yet returned by ``next_message()``."""
-        return len(self._buf)
-
-    def feed(self, data: bytes) -> None:
-        if data:
-            if self._eof:
-                raise _eof_error()
-            self._buf += data
-        else:
-            self._eof = True
 
     def next_message(self) -> bytes | NeedData:
         buf = self._buf

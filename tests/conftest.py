@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from octopus import Octopus, SocketConnection
+from tests import procs
 from tests.helpers import wait_until
 from tests.procs import ProcessGroup
 
@@ -163,3 +164,10 @@ def threaded_server() -> Iterator[Callable[..., ThreadedServer]]:
     for server in servers:
         if server.thread.is_alive():
             server.stop_and_join(graceful=False)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[procs.Servers]:
+    """``octopusd start`` process groups in ``tmp_path``; all killed at teardown."""
+    with procs.servers(tmp_path) as group:
+        yield group

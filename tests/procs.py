@@ -50,6 +50,17 @@ class App(SocketConnection):
 """
 
 
+# A syntax error: no worker can import it.
+BROKEN_APP = """
+from octopus import SocketConnection
+
+
+class App(SocketConnection):
+    def receive(self, message:
+        pass
+"""
+
+
 def write_app(directory: Path, source: str, name: str = "app") -> Path:
     path = directory / f"{name}.py"
     path.write_text(textwrap.dedent(source))

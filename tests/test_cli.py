@@ -6,28 +6,12 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import procs
 from tests.helpers import wait_until
-
-BROKEN_APP = """
-from octopus import SocketConnection
-
-
-class App(SocketConnection):
-    def receive(self, message:
-        pass
-"""
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[procs.Servers]:
-    with procs.servers(tmp_path) as group:
-        yield group
 
 
 def snapshot_files(directory: Path) -> dict[str, bytes]:
@@ -151,7 +135,7 @@ BAD_CONFIG = {
                                        "workers: expected a positive integer"),
     "missing module": ({}, ["--app", "nosuchmodule:App"], "no module named 'nosuchmodule'"),
     "missing class": ({}, ["--app", "app:Nope"], "module 'app' has no attribute 'Nope'"),
-    "broken app": ({"app.py": BROKEN_APP}, ["--app", "app:App"], "SyntaxError"),
+    "broken app": ({"app.py": procs.BROKEN_APP}, ["--app", "app:App"], "SyntaxError"),
 }
 
 
@@ -183,7 +167,7 @@ def test_bad_config_or_app_is_one_line(tmp_path: Path, servers: procs.Servers, c
 def test_broken_app_fails_start_and_start_daemon(tmp_path: Path,
                                                  servers: procs.Servers) -> None:
     """No worker of the first generation can boot: start says why, in one line."""
-    (tmp_path / "app.py").write_text(BROKEN_APP)
+    (tmp_path / "app.py").write_text(procs.BROKEN_APP)
     pidfile = tmp_path / "octopusd.pid"
     for daemon in ((), ("--daemon",)):
         result = servers.run("start", *daemon, "--app", "app:App", "--bind", "127.0.0.1:0",

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import pytest
 
 from octopus import SocketConnection
+from octopus.listeners import has_ipv6
 from tests.conftest import ServerProcess, ThreadedServer
 from tests.helpers import (
     LineClient,
@@ -540,16 +541,9 @@ def test_ipv4_address_is_the_peer_tuple_and_credentials_none(
     assert isinstance(address, tuple) and len(address) == 2
 
 
-def _ipv6_loopback_works() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
-@pytest.mark.skipif(not _ipv6_loopback_works(), reason="no IPv6 on this host")
+@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 on this host")
 def test_ipv6_address_is_the_peer_4_tuple(threaded_server: ServeThread) -> None:
     class App(Peer):
         pass

@@ -5,10 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests import procs
 from tests.helpers import wait_until
@@ -18,11 +15,6 @@ CONNECTIONS = 400
 SPACING = 0.003  # seconds between two connection attempts
 MAX_SHARE = 0.30
 
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[procs.Servers]:
-    with procs.servers(tmp_path) as group:
-        yield group
 
 
 def test_long_lived_connections_spread_across_workers(tmp_path: Path,

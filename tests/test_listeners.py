@@ -14,21 +14,9 @@ import pytest
 from octopus import listeners
 from octopus.address import Address
 from octopus.errors import BindError
-from octopus.listeners import Listener, bind, bind_all, from_fd
+from octopus.listeners import Listener, bind, bind_all, from_fd, has_ipv6
 
-
-def _ipv6_loopback_works() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback_works(),
+needs_ipv6 = pytest.mark.skipif(not has_ipv6(),
                                 reason="this host has no IPv6 (cannot bind ::1)")
 
 

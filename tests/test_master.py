@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,11 +66,6 @@ class Failing(App):
         raise RuntimeError("hook failed on purpose")
 """
 
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[procs.Servers]:
-    with procs.servers(tmp_path) as group:
-        yield group
 
 
 def pids_of(connections: list[socket.socket]) -> dict[int, list[socket.socket]]:

@@ -7,10 +7,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests import procs
 from tests.helpers import wait_until
@@ -26,20 +23,7 @@ class App(SocketConnection):
         self.send({reply!r})
 """
 OLD, NEW = b"old", b"new code, longer reply"
-BROKEN_APP = """
-from octopus import SocketConnection
 
-
-class App(SocketConnection):
-    def receive(self, message:
-        pass
-"""
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[procs.Servers]:
-    with procs.servers(tmp_path) as group:
-        yield group
 
 
 class Hammer(threading.Thread):
@@ -127,7 +111,7 @@ def test_hup_with_a_broken_app_keeps_the_old_workers(tmp_path: Path,
     with procs.connect(port) as sock:
         assert procs.ask(sock) == OLD
 
-        procs.write_app(tmp_path, BROKEN_APP)
+        procs.write_app(tmp_path, procs.BROKEN_APP)
         server.signal(signal.SIGHUP)
         wait_until(lambda: procs.status(pidfile)["reload"]["status"] == "failed",
                    message="the reload to fail")

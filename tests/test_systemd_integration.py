@@ -15,12 +15,6 @@ from tests import procs
 from tests.helpers import wait_until
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[procs.Servers]:
-    with procs.servers(tmp_path) as group:
-        yield group
-
-
 class Notifications:
     """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
 
