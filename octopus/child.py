@@ -24,7 +24,7 @@ from octopus.broadcast import local as _local  # noqa: F401  (see drop_privilege
 from octopus.config import Settings
 from octopus.connection import SocketConnection
 from octopus.importer import import_app, prepare_path
-from octopus.master import Target, WorkerContext
+from octopus.process import Target, WorkerContext
 from octopus.scoreboard import READY, RETIRING
 from octopus.worker import Worker
 

@@ -18,7 +18,6 @@ Invariants:
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import secrets
@@ -28,79 +27,32 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 from octopus import config, logs, pidfile, privileges, systemd
 from octopus.control import ControlServer, control_path
-from octopus.errors import OctopusError
+from octopus.errors import AppImportError, OctopusError
 from octopus.listeners import Listener, bind
-from octopus.scoreboard import READY, RETIRING, STATE_NAMES, Scoreboard
+from octopus.process import (
+    APP_LOAD_ERROR,
+    WORKER_BOOT_ERROR,
+    Target,
+    WorkerContext,
+    WorkerProcess,
+    describe_status,
+    kill,
+    run_app,
+    set_title,
+)
+from octopus.scoreboard import RETIRING, STATE_NAMES, Scoreboard
 
 log = logging.getLogger("octopus.master")
 
-WORKER_BOOT_ERROR = 3  # the worker could not set itself up (privileges, listeners)
-APP_LOAD_ERROR = 4  # the application could not be imported
 KILL_GRACE = 2.0  # seconds between SIGABRT/SIGTERM deadlines and SIGKILL
 QUICK_STOP = 2.0  # seconds workers get to close everything on a quick stop
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 30.0  # restart delays for workers that fail to boot
 SIGNALS = ("HUP", "TERM", "INT", "QUIT", "TTIN", "TTOU", "USR1", "CHLD")
-
-
-@dataclass
-class WorkerContext:
-    """What a forked worker gets from the master."""
-
-    settings: config.Settings
-    listeners: list[socket.socket]
-    scoreboard: Scoreboard
-    slot: int
-    index: int
-    generation: int
-    report_fd: int
-    namespace: str  # unique per master: names this server's broadcast links and origin
-
-    def report(self, line: str) -> None:
-        """Tell the master ``ready`` or ``error <reason>`` (one line)."""
-        try:
-            os.write(self.report_fd, line.replace("\n", " ").encode()[:4000] + b"\n")
-        except OSError:
-            pass
-
-
-Target = Callable[[WorkerContext], None]
-
-
-def run_app(ctx: WorkerContext) -> None:
-    """The default target: import ``settings.app`` in the worker and serve it."""
-    from octopus.child import run_app as child_run_app  # the worker's side only
-
-    child_run_app(ctx)
-
-
-@dataclass
-class WorkerProcess:
-    pid: int
-    index: int
-    generation: int
-    slot: int
-    pipe: int  # read end: "ready" / "error ..." lines, EOF when the worker is gone
-    settings: config.Settings
-    started: float = field(default_factory=time.monotonic)
-    ready: bool = False
-    retiring: bool = False
-    kill_at: float | None = None  # SIGKILL after this (monotonic)
-    error: str | None = None
-    buffer: bytes = b""
-
-
-def describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    code = os.WEXITSTATUS(status)
-    names = {WORKER_BOOT_ERROR: " (boot error)", APP_LOAD_ERROR: " (app load error)"}
-    return f"exit code {code}{names.get(code, '')}"
 
 
 class Master:
@@ -134,8 +86,6 @@ class Master:
         self.namespace = f"{os.getpid()}-{secrets.token_hex(8)}"
         self.control: ControlServer | None = None
 
-    # Life cycle.
-
     def run(self) -> None:
         """Serve until stopped; OctopusError when the first workers cannot boot."""
         self.pid = os.getpid()
@@ -152,7 +102,7 @@ class Master:
                 self.control = ControlServer(control_path(self.settings.pidfile))
                 self._selector.register(self.control, selectors.EVENT_READ, "control")
             self._install_signals()
-            _set_title(f"octopusd: master [{self.settings.app or 'octopus'}]")
+            set_title(f"octopusd: master [{self.settings.app or 'octopus'}]")
             log.info("master %d started; %d worker(s)", self.pid, self.num_workers)
             while True:
                 self._dispatch_signals()
@@ -196,7 +146,7 @@ class Master:
 
     def _cleanup(self, created_pidfile: bool) -> None:
         for worker in list(self.workers.values()):
-            _kill(worker.pid, signal.SIGKILL)
+            kill(worker.pid, signal.SIGKILL)
         while self.workers:
             self.reap_workers(block=True)
         for listener in self.listeners.values():
@@ -207,8 +157,6 @@ class Master:
             pidfile.remove(self.settings.pidfile)
         self._restore_signals()
         self._selector.close()
-
-    # Signals: handlers only record.
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()
@@ -269,9 +217,7 @@ class Master:
     def handle_usr1(self) -> None:
         logs.reopen()
         for worker in self.workers.values():
-            _kill(worker.pid, signal.SIGUSR1)
-
-    # Waiting.
+            kill(worker.pid, signal.SIGUSR1)
 
     def _wait(self) -> None:
         for key, _ in self._selector.select(self._next_timeout()):
@@ -314,8 +260,6 @@ class Master:
             elif text.startswith("error "):
                 worker.error = text[6:]
 
-    # Workers.
-
     def spawn_worker(self, index: int, generation: int, settings: config.Settings,
                      listeners: dict[str, Listener]) -> None:
         slot = self.scoreboard.claim(0, generation)
@@ -345,11 +289,11 @@ class Master:
             self._selector.close()
             if self.control is not None:
                 self.control.sock.close()
-            _set_title(f"octopusd: worker {ctx.index} [{ctx.settings.app or 'octopus'}]")
+            set_title(f"octopusd: worker {ctx.index} [{ctx.settings.app or 'octopus'}]")
             self.target(ctx)
         except OctopusError as exc:
             ctx.report(f"error {exc}")
-            code = APP_LOAD_ERROR if type(exc).__name__ == "AppImportError" else WORKER_BOOT_ERROR
+            code = APP_LOAD_ERROR if isinstance(exc, AppImportError) else WORKER_BOOT_ERROR
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -441,7 +385,7 @@ class Master:
                 if now >= worker.kill_at:
                     log.warning("worker %d (pid %d) did not exit in time; SIGKILL",
                                 worker.index, worker.pid)
-                    _kill(worker.pid, signal.SIGKILL)
+                    kill(worker.pid, signal.SIGKILL)
                     worker.kill_at = now + 60.0
                 continue
             timeout = worker.settings.timeout
@@ -453,7 +397,7 @@ class Master:
                 what = "no heartbeat" if worker.ready else "not ready"
                 log.error("worker %d (pid %d) timed out (%s for %.1fs); killing it",
                           worker.index, worker.pid, what, silent)
-                _kill(worker.pid, signal.SIGABRT)
+                kill(worker.pid, signal.SIGABRT)
                 worker.kill_at = now + KILL_GRACE
 
     def _generation(self, generation: int) -> list[WorkerProcess]:
@@ -466,10 +410,8 @@ class Master:
         """Stop accepting; serve open connections for up to graceful_timeout."""
         worker.retiring = True
         self.scoreboard.set_state(worker.slot, RETIRING)
-        _kill(worker.pid, signal.SIGUSR2)
+        kill(worker.pid, signal.SIGUSR2)
         worker.kill_at = time.monotonic() + worker.settings.graceful_timeout + KILL_GRACE
-
-    # Reload: a generation swap.
 
     def reload(self) -> None:
         if self.stopping:
@@ -539,8 +481,6 @@ class Master:
         self.pending_settings = self.settings
         systemd.notify(f"READY=1\nSTATUS=reload failed: {reason}")
 
-    # Stop.
-
     def stop(self, graceful: bool) -> None:
         if self.stopping and graceful:
             return
@@ -550,7 +490,7 @@ class Master:
         now = time.monotonic()
         for worker in self.workers.values():
             grace = worker.settings.graceful_timeout if graceful else QUICK_STOP
-            _kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+            kill(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
             worker.kill_at = min(worker.kill_at or float("inf"), now + grace + KILL_GRACE)
 
     def snapshot(self) -> dict[str, Any]:
@@ -579,24 +519,3 @@ class Master:
 def systemd_owned(listeners: dict[str, Listener]) -> bool:
     """Sockets passed by systemd are kept across reloads; the bind setting is not re-read."""
     return any(listener.address.kind == "fd" for listener in listeners.values())
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-    except OSError as exc:
-        if exc.errno != errno.ESRCH:
-            raise
-
-
-def _set_title(title: str) -> None:
-    try:
-        import setproctitle
-    except ImportError:
-        return
-    setproctitle.setproctitle(title)
-
-
-__all__ = ["APP_LOAD_ERROR", "READY", "WORKER_BOOT_ERROR", "Master", "WorkerContext"]
