@@ -157,3 +157,27 @@ def test_reload_keeps_listening_on_the_same_port(tmp_path: Path,
     server.wait_workers(1, without=(old_worker,))
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         assert procs.ask(sock) == NEW
+
+
+def test_hup_rereads_the_config_file(tmp_path: Path, servers: procs.Servers) -> None:
+    procs.write_app(tmp_path, procs.PID_APP)
+    config = tmp_path / "octopus.toml"
+    config.write_text('app = "app:App"\nbind = "127.0.0.1:0"\nworkers = 1\n')
+    server = servers.start("--config", str(config), "--pidfile", "octopusd.pid")
+    server.wait_ready()
+    (first,) = server.wait_workers(1)
+
+    # A bad value: the reload fails, naming the key and the file; nothing changes.
+    config.write_text('app = "app:App"\nbind = "127.0.0.1:0"\nworkers = "many"\n')
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: procs.status(tmp_path / "octopusd.pid")["reload"]["status"] == "failed",
+               message="the failed reload in status")
+    error = procs.status(tmp_path / "octopusd.pid")["reload"]["error"]
+    assert "octopus.toml: workers" in error
+    assert server.workers() == [first]
+
+    # Fixed, with two workers: the new generation has two.
+    config.write_text('app = "app:App"\nbind = "127.0.0.1:0"\nworkers = 2\n')
+    server.signal(signal.SIGHUP)
+    server.wait_for_log("reload complete")
+    assert first not in server.wait_workers(2, without=(first,))
