@@ -175,8 +175,8 @@ class Loop:
         self._stopping = True
 
     def run(self) -> None:
+        """Run until ``stop()``, which may also come before ``run()``."""
         self._running = True
-        self._stopping = False
         poll = self._epoll.poll
         callbacks = self._callbacks
         soon = self._soon
@@ -209,6 +209,7 @@ class Loop:
                     self.on_tick(now)
         finally:
             self._running = False
+            self._stopping = False
 
     def close(self) -> None:
         self._restore_signals()

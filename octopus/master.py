@@ -80,6 +80,12 @@ class Master:
         self.reload_status: dict[str, Any] = {"status": "ok", "error": None, "time": None}
         self.started = time.time()
         self._signals: deque[int] = deque(maxlen=64)
+        # Wakes the master's select: set_wakeup_fd writes signal numbers here.
+        self._wake_r, self._wake_w = socket.socketpair()
+        for sock in (self._wake_r, self._wake_w):
+            sock.setblocking(False)
+        self._old_handlers: dict[str, Any] = {}
+        self._old_wakeup_fd = -1
         self._selector = selectors.DefaultSelector()
         self.scoreboard = Scoreboard()
         # Distinct even for masters with equal pids in separate pid namespaces.
@@ -159,9 +165,6 @@ class Master:
         self._selector.close()
 
     def _install_signals(self) -> None:
-        self._wake_r, self._wake_w = socket.socketpair()
-        for sock in (self._wake_r, self._wake_w):
-            sock.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wakeup")
         self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(),
                                                    warn_on_full_buffer=False)
@@ -173,13 +176,21 @@ class Master:
         self._signals.append(signum)
 
     def _restore_signals(self) -> None:
-        if not hasattr(self, "_old_handlers"):
-            return
         for name, handler in self._old_handlers.items():
             signal.signal(getattr(signal, "SIG" + name), handler)
-        signal.set_wakeup_fd(self._old_wakeup_fd)
+        if self._old_handlers:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+        self._old_handlers = {}
         self._wake_r.close()
         self._wake_w.close()
+
+    def request_stop(self, graceful: bool = True) -> None:
+        """Stop as TERM (or INT) would; callable from another thread."""
+        self._signals.append(signal.SIGTERM if graceful else signal.SIGINT)
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full (a wakeup is pending) or closed (stopped already)
+            pass
 
     def _dispatch_signals(self) -> None:
         while self._signals:

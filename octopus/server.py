@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from octopus import broadcast, config, logs
 from octopus.connection import SocketConnection
 from octopus.listeners import Listener, bind_all
 from octopus.worker import Worker
+
+if TYPE_CHECKING:
+    from octopus.master import Master
 
 log = logging.getLogger("octopus.worker")
 
@@ -33,6 +36,7 @@ class Octopus:
         self._binds: list[str] = []
         self.addresses: list[str] = []  # as bound, e.g. "127.0.0.1:43123"
         self._worker: Worker | None = None
+        self._master: Master | None = None  # with workers > 1
         self._started = threading.Event()
         self._stop_requested: bool | None = None  # stop() before the worker existed
         self._lock = threading.Lock()
@@ -48,10 +52,7 @@ class Octopus:
             logs.configure(self.settings.log_level, self.settings.log_file,
                            self.settings.log_format)
         if self.settings.workers > 1:
-            from octopus.child import run_class
-            from octopus.master import Master
-
-            Master(self.settings, run_class(self.connection_class)).run()
+            self._run_master()
             return
         listeners = bind_all(self.settings.bind, self.settings.backlog, self.settings.socket_mode)
         try:
@@ -59,6 +60,23 @@ class Octopus:
         finally:
             for listener in listeners:
                 listener.close()
+
+    def _run_master(self) -> None:
+        from octopus.child import run_class
+        from octopus.master import Master
+
+        master = Master(self.settings, run_class(self.connection_class))
+        with self._lock:
+            self._master = master
+            if self._stop_requested is not None:
+                master.request_stop(self._stop_requested)
+        self._started.set()
+        try:
+            master.run()
+        finally:
+            with self._lock:
+                self._master = None
+                self._stop_requested = None
 
     def _serve(self, listeners: list[Listener]) -> None:
         self.addresses = [listener.name for listener in listeners]
@@ -94,8 +112,10 @@ class Octopus:
     def stop(self, graceful: bool = True) -> None:
         """Stop serving; safe to call from any thread or from a hook."""
         with self._lock:
-            worker = self._worker
-            if worker is None:
-                self._stop_requested = graceful
-            else:
+            worker, master = self._worker, self._master
+            if master is not None:
+                master.request_stop(graceful)
+            elif worker is not None:
                 worker.loop.call_soon_threadsafe(lambda: worker.stop(graceful))
+            else:
+                self._stop_requested = graceful

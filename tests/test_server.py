@@ -104,3 +104,47 @@ def test_stop_may_be_called_again_from_another_thread_while_stopping(
         while server.thread.is_alive():
             server.octopus.stop()  # neither raises nor hangs
         server.stop_and_join()
+
+
+def test_stop_before_start_makes_start_return_at_once() -> None:
+    server = Octopus(Echo)
+    server.listen("127.0.0.1:0")
+    server.stop()
+    server.start()  # returns instead of serving forever
+
+
+_MASTER_STOP_SCRIPT = """
+import os, sys, threading, time
+from octopus import Octopus, SocketConnection
+
+class Echo(SocketConnection):
+    def receive(self, message):
+        self.send(b"%08d:" % os.getpid() + message)
+
+server = Octopus(Echo, workers=2)
+server.listen("127.0.0.1:0")
+
+def stop_when_asked():
+    while not os.path.exists("stop"):
+        time.sleep(0.01)
+    server.stop()
+
+threading.Thread(target=stop_when_asked, daemon=True).start()
+server.start()
+sys.stderr.write("STOPPED\\n")
+"""
+
+
+def test_stop_from_another_thread_stops_the_prefork_master(
+        spawn: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    server = spawn("-c", _MASTER_STOP_SCRIPT, cwd=tmp_path)
+    server.wait_listening()
+    server.wait_for_log("ready: serving on")
+    with connect(server.address) as sock:
+        sock.sendall(b"ping")
+        pid, _, echoed = recv_exactly(sock, 13).partition(b":")
+        assert echoed == b"ping" and int(pid) != server.pid  # a worker answered
+        (tmp_path / "stop").touch()
+        assert recv_until_closed(sock) == b""
+    assert server.wait() == 0, server.log
+    assert server.count("STOPPED") == 1
