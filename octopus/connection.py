@@ -49,7 +49,11 @@ _UCRED = struct.Struct("3i")
 
 
 class SocketConnection:
-    """Subclass this and override ``connect``, ``receive`` and ``close``."""
+    """Subclass this and override ``connect``, ``receive`` and ``close``.
+
+    The public methods are what the application calls; the ``_``-prefixed
+    ones are driven by the worker and the loop.
+    """
 
     framing: ClassVar[str | None] = None  # "raw", "line" or "length"; None: the setting
 
@@ -85,8 +89,6 @@ class SocketConnection:
     address: Any
     credentials: tuple[int, int, int] | None
 
-    # Hooks: an application overrides any of these.
-
     def connect(self) -> None:
         """A client connected."""
 
@@ -95,8 +97,6 @@ class SocketConnection:
 
     def close(self) -> None:
         """The connection is gone, whichever side ended it."""
-
-    # What a connection can do.
 
     def send(self, data: bytes) -> None:
         """Queue ``data`` (framed as this connection frames); never blocks."""
@@ -149,8 +149,6 @@ class SocketConnection:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address!r} fd={self._fd}>"
-
-    # Internals, driven by the worker and the loop.
 
     def _start(self, worker: Worker, sock: socket.socket, address: Any) -> None:
         self._worker = worker

@@ -55,6 +55,9 @@ class SlotView:
 
 
 class Scoreboard:
+    """The master claims, reads and releases slots; a worker writes its own
+    (``set_state``, ``beat``) and reads the others (``may_accept``, ``peers``)."""
+
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
         self._mem = mmap.mmap(-1, _HEADER.size + capacity * _SLOT.size,
@@ -62,8 +65,6 @@ class Scoreboard:
 
     def _offset(self, index: int) -> int:
         return _HEADER.size + index * _SLOT.size
-
-    # Master side.
 
     def claim(self, pid: int, generation: int) -> int:
         """Take a free slot for a worker about to be forked; return its index."""
@@ -85,8 +86,6 @@ class Scoreboard:
 
     def read(self, index: int) -> SlotView:
         return SlotView(index, *_SLOT.unpack_from(self._mem, self._offset(index)))
-
-    # Worker side.
 
     def set_state(self, index: int, state: int) -> None:
         self._mem[self._offset(index) + _STATE_AT] = state
