@@ -1,0 +1,72 @@
+"""The scoreboard's shared slots and the fair-share rule, without processes."""
+
+from __future__ import annotations
+
+import os
+
+from octopus.scoreboard import BOOTING, FAIR_SLACK, FREE, READY, RETIRING, Scoreboard
+
+
+def ready_board(counts: list[int]) -> tuple[Scoreboard, list[int]]:
+    board = Scoreboard(capacity=8)
+    slots = [board.claim(1000 + i, 1) for i in range(len(counts))]
+    for slot, count in zip(slots, counts, strict=True):
+        board.set_state(slot, READY)
+        board.may_accept(slot, count)  # records the count
+    return board, slots
+
+
+def test_claim_beat_and_release_round_trip() -> None:
+    board = Scoreboard(capacity=4)
+    slot = board.claim(0, generation=3)
+    board.set_pid(slot, 4242)
+    view = board.read(slot)
+    assert (view.pid, view.generation, view.state) == (4242, 3, BOOTING)
+    board.beat(slot, 12.5, connections=7, messages_in=8, messages_out=9, accepted=10)
+    view = board.read(slot)
+    assert (view.heartbeat, view.connections, view.messages_in, view.messages_out,
+            view.accepted) == (12.5, 7, 8, 9, 10)
+    board.release(slot)
+    assert board.read(slot).state == FREE
+    assert board.claim(1, 1) == slot  # a released slot is taken again
+
+
+def test_a_worker_above_the_average_yields_new_connections() -> None:
+    board, slots = ready_board([10, 10, 10, 10])
+    assert board.may_accept(slots[0], 10)
+    assert board.may_accept(slots[0], 10 + FAIR_SLACK)
+    assert not board.may_accept(slots[0], 10 + FAIR_SLACK + 2)
+
+
+def test_the_worker_with_fewest_connections_always_accepts() -> None:
+    board, slots = ready_board([50, 3, 40, 90])
+    assert board.may_accept(slots[1], 3)
+    assert not board.may_accept(slots[3], 90)
+
+
+def test_retiring_and_booting_workers_do_not_count_for_the_share() -> None:
+    board, slots = ready_board([10, 0])
+    old = board.claim(2000, 0)
+    board.may_accept(old, 500)
+    board.set_state(old, RETIRING)
+    booting = board.claim(3000, 2)
+    board.may_accept(booting, 0)
+    # Counted, the old worker's 500 would lift the average far above 10.
+    assert not board.may_accept(slots[0], 10)
+
+
+def test_peers_are_the_other_live_workers() -> None:
+    board, slots = ready_board([0, 0, 0])
+    board.release(slots[2])
+    assert board.peers(slots[0]) == [(slots[1], 1001)]
+
+
+def test_slots_are_shared_with_a_forked_child() -> None:
+    board = Scoreboard(capacity=2)
+    slot = board.claim(0, 1)
+    pid = os.fork()
+    if pid == 0:  # the child writes its slot, as a worker does
+        board.beat(slot, 1.0, 5, 6, 7, 8)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert board.read(slot).connections == 5
