@@ -102,18 +102,22 @@ class SocketConnection:
         """Queue ``data`` (framed as this connection frames); never blocks."""
         if self._state != OPEN:
             return
-        if self._framer is not None:
-            data = self._framer.frame(data)
         worker = self._worker
         worker.messages_out += 1
         wbuf = self._wbuf
+        framer = self._framer
         # Output already waits, or replies are being gathered while a read is
         # dispatched (corked): append, and let the flush write it in order.
         if wbuf or self._corked:
-            wbuf += data
+            if framer is None:
+                wbuf += data
+            else:
+                framer.frame_into(wbuf, data)
             if len(wbuf) > worker.max_write_buffer:
                 self._slow_consumer()
             return
+        if framer is not None:
+            data = framer.frame(data)
         try:
             sent = self._sock.send(data)
         except BlockingIOError:

@@ -73,6 +73,8 @@ class Framer(Protocol):
 
     def frame(self, message: bytes) -> bytes: ...
 
+    def frame_into(self, buffer: bytearray, message: bytes) -> None: ...
+
 
 def drain(framer: Framer, data: bytes) -> list[bytes]:
     """``feed(data)``, then every complete message: ``feed_messages`` in general."""
@@ -133,6 +135,9 @@ class RawFramer:
 
     def frame(self, message: bytes) -> bytes:
         return message
+
+    def frame_into(self, buffer: bytearray, message: bytes) -> None:
+        buffer += message
 
 
 class _BufferedFramer:
@@ -196,24 +201,35 @@ class LineFramer(_BufferedFramer):
     def feed_messages(self, data: bytes) -> list[bytes]:
         """``feed(data)`` then every complete message, in order (the server's hot path).
 
-        With nothing buffered, one ``bytes.split`` does the work; a data
-        chunk no longer than the limit cannot hold an oversized message.
+        One ``bytes.split`` does the work; a line begun in an earlier chunk is
+        joined to the first piece. A chunk no longer than the limit cannot
+        hold an oversized message, so only longer ones are checked.
         """
-        if self._buf or not data or self._eof:
+        if not data or self._eof:
             return drain(self, data)
         messages = data.split(b"\n")
         tail = messages.pop()
-        limit = self._max
+        buf, limit = self._buf, self._max
+        if buf and (not messages or len(buf) + len(messages[0]) > limit):
+            return drain(self, data)  # no line completed yet, or the pending one is too long
         if len(data) > limit and (len(tail) > limit or any(len(m) > limit for m in messages)):
             return drain(self, data)  # raises MessageTooLarge where the message starts
-        if tail:
-            self._buf += tail
-            self._searched = len(tail)
+        if buf:
+            buf += messages[0]
+            messages[0] = bytes(buf)
+            buf.clear()
+        buf += tail
+        self._searched = len(tail)  # the buffer is now the tail: no newline in it
         return messages
 
     def frame(self, message: bytes) -> bytes:
         # The message must not contain b"\n" itself, or the peer sees two.
         return message + b"\n"
+
+    def frame_into(self, buffer: bytearray, message: bytes) -> None:
+        """Append the framed message to ``buffer`` without an intermediate copy."""
+        buffer += message
+        buffer += b"\n"
 
 
 class LengthFramer(_BufferedFramer):
@@ -263,6 +279,14 @@ class LengthFramer(_BufferedFramer):
         if size > _MAX_LENGTH:
             raise ValueError(f"message of {size} bytes does not fit a 4-byte length prefix")
         return _HEADER.pack(size) + message
+
+    def frame_into(self, buffer: bytearray, message: bytes) -> None:
+        """Append the framed message to ``buffer`` without an intermediate copy."""
+        size = len(message)
+        if size > _MAX_LENGTH:
+            raise ValueError(f"message of {size} bytes does not fit a 4-byte length prefix")
+        buffer += _HEADER.pack(size)
+        buffer += message
 
 
 def make_framer(name: str, max_size: int) -> Framer:

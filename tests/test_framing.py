@@ -359,3 +359,13 @@ def test_feed_messages_matches_feed_then_next_message(
         assert got == expected
         if expected is FrameError:
             return
+
+
+@pytest.mark.parametrize("name", FRAMINGS)
+def test_frame_into_appends_what_frame_returns(name: str) -> None:
+    framer = make_framer(name, MAX)
+    buffer = bytearray(b"pending")
+    for message in (b"", b"one", b"x" * MAX):
+        framer.frame_into(buffer, message)
+    assert bytes(buffer) == b"pending" + b"".join(
+        framer.frame(m) for m in (b"", b"one", b"x" * MAX))
