@@ -35,8 +35,7 @@ class Octopus:
         self.settings = config.from_kwargs(**settings)
         self._binds: list[str] = []
         self.addresses: list[str] = []  # as bound, e.g. "127.0.0.1:43123"
-        self._worker: Worker | None = None
-        self._master: Master | None = None  # with workers > 1
+        self._runner: Master | Worker | None = None  # a Master with workers > 1
         self._started = threading.Event()
         self._stop_requested: bool | None = None  # stop() before the worker existed
         self._lock = threading.Lock()
@@ -65,18 +64,7 @@ class Octopus:
         from octopus.child import run_class
         from octopus.master import Master
 
-        master = Master(self.settings, run_class(self.connection_class))
-        with self._lock:
-            self._master = master
-            if self._stop_requested is not None:
-                master.request_stop(self._stop_requested)
-        self._started.set()
-        try:
-            master.run()
-        finally:
-            with self._lock:
-                self._master = None
-                self._stop_requested = None
+        self._run(Master(self.settings, run_class(self.connection_class)))
 
     def _serve(self, listeners: list[Listener]) -> None:
         self.addresses = [listener.name for listener in listeners]
@@ -92,18 +80,23 @@ class Octopus:
 
             worker.loop.add_signal_handler(signal.SIGINT, on_stop)
             worker.loop.add_signal_handler(signal.SIGTERM, on_stop)
+        try:
+            self._run(worker)
+        finally:
+            worker.loop.close()
+
+    def _run(self, runner: Master | Worker) -> None:
         with self._lock:
-            self._worker = worker
+            self._runner = runner
             if self._stop_requested is not None:
-                worker.stop(self._stop_requested)
+                runner.request_stop(self._stop_requested)
         self._started.set()
         try:
-            worker.run()
+            runner.run()
         finally:
             with self._lock:
-                self._worker = None
+                self._runner = None
                 self._stop_requested = None
-            worker.loop.close()
 
     def wait_started(self, timeout: float | None = None) -> bool:
         """Block until the server accepts (for embedding and tests)."""
@@ -112,10 +105,7 @@ class Octopus:
     def stop(self, graceful: bool = True) -> None:
         """Stop serving; safe to call from any thread or from a hook."""
         with self._lock:
-            worker, master = self._worker, self._master
-            if master is not None:
-                master.request_stop(graceful)
-            elif worker is not None:
-                worker.loop.call_soon_threadsafe(lambda: worker.stop(graceful))
+            if self._runner is not None:
+                self._runner.request_stop(graceful)
             else:
                 self._stop_requested = graceful

@@ -206,6 +206,10 @@ class Worker:
             conn.disconnect()
         self._stop_when_drained()
 
+    def request_stop(self, graceful: bool = True) -> None:
+        """``stop()`` from any thread, also before ``run()``."""
+        self.loop.call_soon_threadsafe(lambda: self.stop(graceful))
+
     def retire(self) -> None:
         """Stop accepting; serve open connections until they end or time runs out.
 

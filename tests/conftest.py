@@ -131,7 +131,7 @@ class ThreadedServer:
     @property
     def worker(self) -> Any:
         """The running Worker (for counters such as ``slow_consumers``)."""
-        return self.octopus._worker
+        return self.octopus._runner
 
     def stop_and_join(self, graceful: bool = True, timeout: float = 10.0) -> None:
         self.octopus.stop(graceful)
