@@ -197,8 +197,9 @@ class SocketConnection:
                     return
                 if self._idle_timer is not None:
                     self._last_input = self._worker.loop.time
-                if self._framer is not None:
-                    self._on_framed_input(data)
+                framer = self._framer
+                if framer is not None:
+                    self._on_framed_input(framer, data)
                 elif data:
                     self._worker.messages_in += 1
                     try:
@@ -218,37 +219,31 @@ class SocketConnection:
         if self._wbuf and (mask & EPOLLOUT or state == CLOSING):
             self._flush()
 
-    def _on_framed_input(self, data: bytes) -> None:
+    def _on_framed_input(self, framer: Framer, data: bytes) -> None:
         """Deliver every complete message; replies to a batch are corked into one write."""
-        assert self._framer is not None
         try:
-            messages = self._framer.feed_messages(data)
+            messages = framer.feed_messages(data)
         except FrameError as exc:
             log.info("closing %r: %s", self, exc)
             self._abort()
             return
         if messages:
             self._worker.messages_in += len(messages)
-            if len(messages) == 1:
-                self._receive(messages[0])
-            else:
-                self._corked = True
+            batch = self._corked = len(messages) > 1
+            try:
                 for message in messages:
                     if self._state != OPEN:
                         break
-                    self._receive(message)
+                    self.receive(message)
+            except Exception:
+                app_log.error("Error in receive() of %r", self, exc_info=True)
+                self._abort()
+            finally:
                 self._corked = False
-                if self._wbuf and not self._events & EPOLLOUT:
-                    self._flush()
+            if batch and self._wbuf and not self._events & EPOLLOUT:
+                self._flush()
         if not data:
             self._peer_eof()
-
-    def _receive(self, message: bytes) -> None:
-        try:
-            self.receive(message)
-        except Exception:
-            app_log.error("Error in receive() of %r", self, exc_info=True)
-            self._abort()
 
     def _on_linger_input(self) -> None:
         try:

@@ -218,8 +218,10 @@ class LineFramer(_BufferedFramer):
             buf += messages[0]
             messages[0] = bytes(buf)
             buf.clear()
-        buf += tail
-        self._searched = len(tail)  # the buffer is now the tail: no newline in it
+            self._searched = 0
+        if tail:
+            buf += tail
+            self._searched = len(tail)  # the buffer is now the tail: no newline in it
         return messages
 
     def frame(self, message: bytes) -> bytes:
