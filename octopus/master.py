@@ -72,6 +72,7 @@ class Master:
         self._pending_listeners: dict[str, Listener] = {}
         self.pending_since = 0.0
         self.booted = False
+        self._reload_when_booted = False
         self.stopping = False
         self.fatal: str | None = None
         self.boot_failures = 0
@@ -272,10 +273,24 @@ class Master:
                 worker.error = text[6:]
 
     def spawn_worker(self, index: int, generation: int, settings: config.Settings,
-                     listeners: dict[str, Listener]) -> None:
+                     listeners: dict[str, Listener]) -> bool:
+        """Fork one worker; False (logged, retried after back-off) when the system refuses."""
         slot = self.scoreboard.claim(0, generation)
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
+        if slot < 0:
+            return self._spawn_failed(
+                f"cannot start a worker: all {self.scoreboard.capacity} scoreboard slots in use")
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError as exc:
+            self.scoreboard.release(slot)
+            return self._spawn_failed(f"cannot start a worker: pipe(): {exc.strerror}")
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN (process limit), ENOMEM
+            os.close(read_fd)
+            os.close(write_fd)
+            self.scoreboard.release(slot)
+            return self._spawn_failed(f"cannot start a worker: fork(): {exc.strerror}")
         if pid == 0:
             os.close(read_fd)
             self._become_worker(WorkerContext(
@@ -288,6 +303,15 @@ class Master:
         self.workers[pid] = worker
         self._selector.register(read_fd, selectors.EVENT_READ, worker)
         log.debug("spawned worker %d (pid %d, generation %d)", index, pid, generation)
+        return True
+
+    def _spawn_failed(self, message: str) -> bool:
+        """Back off before the next spawn: 0.1 s, doubling up to BACKOFF_MAX."""
+        self.boot_failures += 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.boot_failures - 1))
+        self.next_spawn_at = time.monotonic() + delay
+        log.error("%s; next attempt in %.1fs", message, delay)
+        return False
 
     def _become_worker(self, ctx: WorkerContext) -> None:
         """In the forked child: shed the master's state, run the target, never return."""
@@ -330,6 +354,8 @@ class Master:
         log.info("ready: %s", status)
         if self.on_ready is not None:
             self.on_ready()
+        if self._reload_when_booted:
+            self.reload()
 
     def reap_workers(self, block: bool = False) -> None:
         while self.workers:
@@ -371,10 +397,7 @@ class Master:
             log.error("%s", self.fatal)
             self.stop(graceful=False)
             return
-        self.boot_failures += 1
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.boot_failures - 1))
-        self.next_spawn_at = time.monotonic() + delay
-        log.error("%s failed to boot: %s; next attempt in %.1fs", name, reason, delay)
+        self._spawn_failed(f"{name} failed to boot: {reason}")
 
     def manage_workers(self) -> None:
         now = time.monotonic()
@@ -386,8 +409,9 @@ class Master:
         if now >= self.next_spawn_at:
             present = {w.index for w in self._generation(self.generation) if not w.retiring}
             for index in range(self.num_workers):
-                if index not in present:
-                    self.spawn_worker(index, self.generation, self.settings, self.listeners)
+                if index not in present and not self.spawn_worker(
+                        index, self.generation, self.settings, self.listeners):
+                    break
 
     def murder_workers(self, now: float) -> None:
         """SIGKILL past deadlines; SIGABRT (a traceback dump) to stuck workers."""
@@ -427,6 +451,10 @@ class Master:
     def reload(self) -> None:
         if self.stopping:
             return
+        if not self.booted:  # the first generation is still booting: reload after it
+            log.info("SIGHUP: reloading once the first workers are ready")
+            self._reload_when_booted = True
+            return
         if self.pending is not None:
             log.warning("SIGHUP: a reload is already in progress")
             return
@@ -447,7 +475,9 @@ class Master:
         self.pending_settings = settings
         self.pending_since = time.monotonic()
         for index in range(settings.workers):
-            self.spawn_worker(index, self.pending, settings, self._pending_listeners)
+            if not self.spawn_worker(index, self.pending, settings, self._pending_listeners):
+                self._reload_failed("cannot start the new workers")
+                return
 
     def _check_reload(self, now: float) -> None:
         assert self.pending is not None

@@ -67,7 +67,7 @@ class Scoreboard:
         return _HEADER.size + index * _SLOT.size
 
     def claim(self, pid: int, generation: int) -> int:
-        """Take a free slot for a worker about to be forked; return its index."""
+        """Take a free slot for a worker about to be forked; its index, or -1 when full."""
         for index in range(self.capacity):
             if self._mem[self._offset(index) + _STATE_AT] == FREE:
                 _SLOT.pack_into(self._mem, self._offset(index), pid, generation, BOOTING,
@@ -76,7 +76,7 @@ class Scoreboard:
                 if index >= in_use:
                     _HEADER.pack_into(self._mem, 0, index + 1)
                 return index
-        raise RuntimeError("scoreboard full")
+        return -1
 
     def set_pid(self, index: int, pid: int) -> None:
         struct.pack_into("=i", self._mem, self._offset(index), pid)

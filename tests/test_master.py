@@ -300,3 +300,25 @@ def test_workers_drop_privileges_before_importing_the_app(
         assert int(field(server.pid, "Uid")) == 0  # the master keeps its own
     finally:
         shutil.rmtree(app_dir)
+
+
+def test_a_refused_fork_is_logged_and_retried_later(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # fork() failing with EAGAIN (process limit) cannot be provoked as root.
+    from octopus import config
+    from octopus.master import Master
+    from octopus.scoreboard import FREE
+
+    def refuse() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    master = Master(config.from_kwargs(workers=2, bind="127.0.0.1:0"))
+    monkeypatch.setattr(os, "fork", refuse)
+    before = time.monotonic()
+    assert master.spawn_worker(0, 1, master.settings, {}) is False
+    assert master.next_spawn_at > before
+    assert "cannot start a worker: fork(): Resource temporarily unavailable" in caplog.text
+    assert master.scoreboard.read(0).state == FREE  # the slot was given back
+    assert not master.workers
+    master.request_stop()
+    master.run()  # stops at once: releases its sockets, forks nothing

@@ -181,3 +181,21 @@ def test_hup_rereads_the_config_file(tmp_path: Path, servers: procs.Servers) -> 
     server.signal(signal.SIGHUP)
     server.wait_for_log("reload complete")
     assert first not in server.wait_workers(2, without=(first,))
+
+
+SLOW_BOOT_APP = procs.PID_APP + """
+import time
+
+time.sleep(0.5)  # a slow import: the first workers are not ready at once
+"""
+
+
+def test_hup_during_the_first_boot_reloads_once_it_is_ready(
+        tmp_path: Path, servers: procs.Servers) -> None:
+    procs.write_app(tmp_path, SLOW_BOOT_APP)
+    server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0")
+    server.wait_for_log(" started; ")  # logged once the signal handlers are installed
+    server.signal(signal.SIGHUP)
+    server.wait_for_log("reloading once the first workers are ready")
+    server.wait_ready()
+    server.wait_for_log("reload complete")
