@@ -67,6 +67,9 @@ class RedisBroadcast:
         command = b"".join(self.pub_conn.pack_command("PUBLISH", self.channel,
                                                       self.origin + message))
         if len(self.wbuf) + len(command) > MAX_PENDING:
+            if not self.dropped:
+                log.warning("broadcast: Redis at %s is not keeping up; broadcasts to other "
+                            "servers are dropped until it catches up", self.url)
             self.dropped += 1
             return
         was_empty = not self.wbuf
@@ -128,6 +131,10 @@ class RedisBroadcast:
             self._lost(exc)
             return
         del self.wbuf[:sent]
+        if not self.wbuf and self.dropped and self.lost_at is None:
+            log.warning("broadcast: Redis caught up; %d broadcast(s) did not reach other "
+                        "servers", self.dropped)
+            self.dropped = 0
         self.loop.modify(self.pub_sock.fileno(), EPOLLIN | (EPOLLOUT if self.wbuf else 0))
 
     def _on_publisher(self, mask: int) -> None:
