@@ -186,7 +186,8 @@ def test_hup_rereads_the_config_file(tmp_path: Path, servers: procs.Servers) -> 
 SLOW_BOOT_APP = procs.PID_APP + """
 import time
 
-time.sleep(0.5)  # a slow import: the first workers are not ready at once
+while not os.path.exists("booted"):  # the test decides when the import finishes
+    time.sleep(0.01)
 """
 
 
@@ -197,5 +198,7 @@ def test_hup_during_the_first_boot_reloads_once_it_is_ready(
     server.wait_for_log(" started; ")  # logged once the signal handlers are installed
     server.signal(signal.SIGHUP)
     server.wait_for_log("reloading once the first workers are ready")
+    assert server.count("ready: serving on") == 0
+    (tmp_path / "booted").touch()
     server.wait_ready()
     server.wait_for_log("reload complete")
