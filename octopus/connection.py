@@ -140,7 +140,7 @@ class SocketConnection:
 
     def broadcast(self, message: bytes) -> None:
         """Send ``message`` to every connection of this application, this one included."""
-        self._worker.broadcast(message)
+        self._worker.broadcaster(message)
 
     def call_later(self, seconds: float, callback: Callable[[], object]) -> Timer:
         """Run ``callback`` on this worker's loop after ``seconds``; ``cancel()`` the result."""

@@ -82,7 +82,6 @@ class Loop:
         self._cancelled_timers = 0
         self._seq = itertools.count()
         self._soon: deque[Callable[[], object]] = deque()
-        self._running = False
         self._stopping = False
         self.max_wait = max_wait
         self.on_tick: Callable[[float], None] | None = None
@@ -176,7 +175,6 @@ class Loop:
 
     def run(self) -> None:
         """Run until ``stop()``, which may also come before ``run()``."""
-        self._running = True
         poll = self._epoll.poll
         callbacks = self._callbacks
         soon = self._soon
@@ -208,7 +206,6 @@ class Loop:
                 if self.on_tick is not None:
                     self.on_tick(now)
         finally:
-            self._running = False
             self._stopping = False
 
     def close(self) -> None:

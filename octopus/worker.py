@@ -79,7 +79,8 @@ class Worker:
         self._listen_events = EPOLLIN | (EPOLLEXCLUSIVE if exclusive else 0)
         self.accept_gate = accept_gate
         self.connections: dict[int, SocketConnection] = {}
-        self.broadcaster: Callable[[bytes], None] | None = None
+        # broadcast(): this worker's connections unless a backend replaces it.
+        self.broadcaster: Callable[[bytes], None] = self.deliver
         self.messages_in = 0
         self.messages_out = 0
         self.accepted = 0
@@ -179,12 +180,6 @@ class Worker:
                 self.loop.stop()
         elif not self.accepting:
             self._maybe_resume()
-
-    def broadcast(self, message: bytes) -> None:
-        if self.broadcaster is not None:
-            self.broadcaster(message)
-        else:
-            self.deliver(message)
 
     def deliver(self, message: bytes) -> None:
         """Send ``message`` to every connection of this worker."""

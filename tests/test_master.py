@@ -22,7 +22,7 @@ from tests.helpers import wait_until
 
 BLOCKING_APP = """
 import os
-import time
+import threading
 
 from octopus import SocketConnection
 
@@ -32,7 +32,7 @@ class App(SocketConnection):
 
     def receive(self, message):
         if message == b"block":
-            time.sleep(60)
+            threading.Event().wait()  # a hook that never returns: the loop stops beating
         self.send(b"%d" % os.getpid())
 """
 

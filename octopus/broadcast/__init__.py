@@ -22,13 +22,11 @@ from octopus.worker import Worker
 def attach(worker: Worker, settings: Settings, board: Scoreboard | None = None,
            slot: int = -1, namespace: str = "") -> None:
     """Give ``worker`` the broadcast backend that ``settings.broadcast`` names."""
-    local = None
     if board is not None:
         from octopus.broadcast.local import LocalMesh
 
-        local = LocalMesh(worker, board, slot, namespace).publish
+        worker.broadcaster = LocalMesh(worker, board, slot, namespace).publish
     if settings.broadcast == "local":
-        worker.broadcaster = local
         return
     from octopus.broadcast.redis import RedisBroadcast
 
@@ -36,4 +34,4 @@ def attach(worker: Worker, settings: Settings, board: Scoreboard | None = None,
     # and skip their own server's messages coming back from Redis.
     origin = f"{socket.gethostname()}/{namespace or secrets.token_hex(8)}"
     worker.broadcaster = RedisBroadcast(worker, settings.broadcast, settings.broadcast_channel,
-                                        local=local, origin=origin).publish
+                                        local=worker.broadcaster, origin=origin).publish

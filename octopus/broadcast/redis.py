@@ -20,7 +20,6 @@ at most ``CONNECT_TIMEOUT``, and it is retried with back-off.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -43,10 +42,10 @@ MAX_PENDING = 64 * 1024 * 1024  # unsent PUBLISH bytes before we drop them while
 
 class RedisBroadcast:
     def __init__(self, worker: Worker, url: str, channel: str,
-                 local: Callable[[bytes], None] | None = None, origin: str = "") -> None:
+                 local: Callable[[bytes], None], origin: str) -> None:
         self.worker, self.loop, self.url, self.channel = worker, worker.loop, url, channel
-        self.local = local or worker.deliver  # delivers to this whole server
-        self.origin = (origin or f"{socket.gethostname()}/{os.getpid()}").encode() + b"\0"
+        self.local = local  # delivers to this whole server
+        self.origin = origin.encode() + b"\0"
         self.client = redis.Redis.from_url(
             url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=READ_TIMEOUT,
             retry=Retry(NoBackoff(), 0), health_check_interval=0)
