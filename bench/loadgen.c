@@ -6,6 +6,7 @@
  *   loadgen --addr 127.0.0.1:9876 --mode connect -c 50
  *   loadgen --addr 127.0.0.1:9876 --mode broadcast -c 100 -k 10 -s 64
  *   loadgen --addr 127.0.0.1:9876 --mode idle -c 10000 -d 600
+ *   loadgen_tls --tls --addr 127.0.0.1:9443 --mode connect -c 50
  *
  * Modes
  *   pingpong   every connection keeps one message in flight.
@@ -38,6 +39,15 @@
  * line) and other socket errors. A connection that fails after it was
  * established is reconnected; one whose connect failed stays down (in
  * connect mode, the slot tries again).
+ *
+ * TLS (--tls, in a build with -DLOADGEN_TLS linked with -lssl -lcrypto): every
+ * connection runs a non-blocking handshake (SSL_connect's WANT_READ and
+ * WANT_WRITE drive epoll) before its traffic starts; the certificate is not
+ * verified and sessions are not resumed, so every connection pays a full
+ * handshake. In connect mode a cycle is connect, handshake, one round trip,
+ * close_notify, close: conn/s is handshakes per second. A failed handshake
+ * counts as a "tls" error and, like a failed connect, leaves the connection
+ * down. The JSON line names the protocol and cipher of the first handshake.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -59,20 +69,24 @@
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef LOADGEN_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#endif
 
 enum mode { M_PINGPONG, M_PIPELINE, M_CONNECT, M_BROADCAST, M_IDLE };
 static const char *mode_names[] = {"pingpong", "pipeline", "connect", "broadcast", "idle"};
 
-enum state { ST_NONE, ST_CONNECTING, ST_ACTIVE, ST_IDLE, ST_DEAD };
+enum state { ST_NONE, ST_CONNECTING, ST_HANDSHAKE, ST_ACTIVE, ST_IDLE, ST_DEAD };
 
 /* ---- options and shared run state ---- */
 
 static struct {
     enum mode mode;
     const char *addr;
-    int conns, size, pipeline, threads, senders, concurrency, quiet;
+    int conns, size, pipeline, threads, senders, concurrency, quiet, tls;
     double duration, warmup, drain;
-} opt = {M_PINGPONG, NULL, 50, 64, 1, 1, 1, 256, 0, 5.0, 1.0, 3.0};
+} opt = {M_PINGPONG, NULL, 50, 64, 1, 1, 1, 256, 0, 0, 5.0, 1.0, 3.0};
 
 static struct sockaddr_storage g_sa;
 static socklen_t g_salen;
@@ -114,7 +128,7 @@ static uint64_t hval(int idx) {
 
 struct stats {
     uint64_t msgs, bytes, connects;
-    uint64_t err_connect, err_reset, err_short, err_closed, err_protocol, err_other;
+    uint64_t err_connect, err_reset, err_short, err_closed, err_protocol, err_other, err_tls;
     uint64_t sent, delivered, out_of_order;
     uint64_t nlat, max_ns;
     uint64_t hist[HBUCKETS];
@@ -157,6 +171,9 @@ struct conn {
     int64_t *last_seq;      /* per sender */
     uint64_t seq;
     char *wbuf;             /* a sender's own ring of in-flight lines */
+#ifdef LOADGEN_TLS
+    SSL *ssl;               /* NULL on a plain connection */
+#endif
 };
 
 struct thr {
@@ -183,6 +200,10 @@ static void set_events(struct thr *t, struct conn *c, uint32_t ev, int op) {
 }
 
 static void close_conn(struct conn *c) {
+#ifdef LOADGEN_TLS
+    SSL_free(c->ssl);
+    c->ssl = NULL;
+#endif
     if (c->fd >= 0) close(c->fd);
     c->fd = -1;
     c->state = ST_NONE;
@@ -190,6 +211,74 @@ static void close_conn(struct conn *c) {
     c->wleft = c->wpos = c->racc = 0;
     c->inflight = c->ts_head = c->ts_tail = 0;
     c->llen = 0;
+}
+
+/* ---- plain or TLS I/O: send() and recv(), or SSL_write() and SSL_read() ---- */
+
+#ifdef LOADGEN_TLS
+static SSL_CTX *g_tls_ctx;
+static char g_tls_info[128]; /* protocol and cipher of the first handshake */
+static atomic_int g_tls_info_set;
+
+/* An SSL call that returned r <= 0, in send()/recv() terms: -1 with errno
+ * EAGAIN while the record layer waits for the socket (either way: the caller
+ * watches both directions while it has output), EPROTO for a TLS failure;
+ * 0 at the peer's close_notify or EOF. */
+static ssize_t tls_result(struct conn *c, int r) {
+    int saved = errno;
+    int e = SSL_get_error(c->ssl, r);
+    ERR_clear_error();
+    switch (e) {
+    case SSL_ERROR_WANT_READ:
+    case SSL_ERROR_WANT_WRITE: errno = EAGAIN; return -1;
+    case SSL_ERROR_ZERO_RETURN: return 0;
+    case SSL_ERROR_SYSCALL: errno = saved ? saved : ECONNRESET; return -1;
+    default: errno = EPROTO; return -1;
+    }
+}
+#endif
+
+static ssize_t io_send(struct conn *c, const char *buf, size_t n) {
+#ifdef LOADGEN_TLS
+    if (c->ssl) {
+        int w = SSL_write(c->ssl, buf, (int)n);
+        return w > 0 ? w : tls_result(c, w);
+    }
+#endif
+    return send(c->fd, buf, n, MSG_NOSIGNAL);
+}
+
+static ssize_t io_recv(struct conn *c, char *buf, size_t n) {
+#ifdef LOADGEN_TLS
+    if (c->ssl) {
+        int r = SSL_read(c->ssl, buf, (int)n);
+        return r > 0 ? r : tls_result(c, r);
+    }
+#endif
+    return recv(c->fd, buf, n, 0);
+}
+
+/* Bytes the TLS layer read from the socket and has not returned: epoll cannot see them. */
+static int io_buffered(struct conn *c) {
+#ifdef LOADGEN_TLS
+    if (c->ssl) return SSL_has_pending(c->ssl);
+#endif
+    (void)c;
+    return 0;
+}
+
+/* Close the TLS session with a close_notify, as a client that is done does. */
+static void io_shutdown(struct conn *c) {
+#ifdef LOADGEN_TLS
+    if (c->ssl) SSL_shutdown(c->ssl);
+#endif
+    (void)c;
+}
+
+static void count_error(struct thr *t, int err) {
+    if (err == ECONNRESET || err == EPIPE) t->st.err_reset++;
+    else if (err == EPROTO) t->st.err_tls++;
+    else t->st.err_other++;
 }
 
 /* Open a connection. TCP connects without blocking; a Unix-socket connect
@@ -290,7 +379,7 @@ static int do_write(struct thr *t, struct conn *c) {
         size_t off = (size_t)(c->wpos % period);
         size_t n = len - off;
         if (n > c->wleft) n = (size_t)c->wleft;
-        ssize_t w = send(c->fd, buf + off, n, MSG_NOSIGNAL);
+        ssize_t w = io_send(c, buf + off, n);
         if (w < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN) {
@@ -300,8 +389,7 @@ static int do_write(struct thr *t, struct conn *c) {
                 }
                 return 0;
             }
-            if (errno == ECONNRESET || errno == EPIPE) t->st.err_reset++;
-            else t->st.err_other++;
+            count_error(t, errno);
             return -1;
         }
         c->wleft -= (uint64_t)w;
@@ -336,6 +424,48 @@ static int start_traffic(struct thr *t, struct conn *c, uint64_t now, int regist
     return do_write(t, c);
 }
 
+#ifdef LOADGEN_TLS
+/* One step of the handshake; its traffic starts once it is done. A failed
+ * handshake closes the connection like a failed connect (-1). */
+static int tls_handshake(struct thr *t, struct conn *c, uint64_t now, int registered) {
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        if (!atomic_exchange(&g_tls_info_set, 1))
+            snprintf(g_tls_info, sizeof g_tls_info, "%s %s", SSL_get_version(c->ssl),
+                     SSL_get_cipher_name(c->ssl));
+        return start_traffic(t, c, now, registered);
+    }
+    uint32_t ev = 0;
+    switch (SSL_get_error(c->ssl, r)) {
+    case SSL_ERROR_WANT_READ: ev = EPOLLIN; break;
+    case SSL_ERROR_WANT_WRITE: ev = EPOLLOUT; break;
+    }
+    if (ev == 0) {
+        ERR_clear_error();
+        t->st.err_tls++;
+        close_conn(c);
+        c->state = ST_DEAD;
+        return -1;
+    }
+    set_events(t, c, ev, registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD);
+    return 0;
+}
+#endif
+
+/* The socket is connected: over TLS the handshake starts, else the traffic. */
+static int connected(struct thr *t, struct conn *c, uint64_t now, int registered) {
+#ifdef LOADGEN_TLS
+    if (g_tls_ctx) {
+        c->ssl = SSL_new(g_tls_ctx);
+        if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) die("SSL_new");
+        SSL_set_connect_state(c->ssl);
+        c->state = ST_HANDSHAKE;
+        return tls_handshake(t, c, now, registered);
+    }
+#endif
+    return start_traffic(t, c, now, registered);
+}
+
 static int finish_connect(struct thr *t, struct conn *c, uint64_t now) {
     int err = 0;
     socklen_t len = sizeof err;
@@ -345,14 +475,14 @@ static int finish_connect(struct thr *t, struct conn *c, uint64_t now) {
         c->state = ST_DEAD;
         return -1;
     }
-    return start_traffic(t, c, now, 1);
+    return connected(t, c, now, 1);
 }
 
 /* Begin (or restart) a connection; used by every mode. */
 static void begin(struct thr *t, struct conn *c, uint64_t now) {
     c->t_begin = now;
     if (open_conn(t, c) < 0) return;
-    if (c->state == ST_ACTIVE && start_traffic(t, c, now, 0) < 0) {
+    if (c->state == ST_ACTIVE && connected(t, c, now, 0) < 0) {
         close_conn(c);
         c->state = ST_DEAD;
     }
@@ -427,6 +557,7 @@ static void cycle_complete(struct thr *t, struct conn *c, uint64_t now) {
             t->st.bytes += (uint64_t)opt.size;
             record(&t->st, now - c->t_begin);
         }
+        io_shutdown(c);
         close_conn(c);
         if (now < t_end) begin(t, c, now);
         return;
@@ -441,7 +572,7 @@ static void cycle_complete(struct thr *t, struct conn *c, uint64_t now) {
 /* Read what is there; returns -1 if the connection ended (and was closed). */
 static int do_read(struct thr *t, struct conn *c, uint64_t now) {
     for (;;) {
-        ssize_t r = recv(c->fd, t->rbuf, t->rbuf_len, 0);
+        ssize_t r = io_recv(c, t->rbuf, t->rbuf_len);
         if (r > 0) {
             if (opt.mode == M_BROADCAST) {
                 consume_lines(t, c, t->rbuf, (size_t)r, now);
@@ -461,7 +592,7 @@ static int do_read(struct thr *t, struct conn *c, uint64_t now) {
                     c->racc = 0;
                 }
             }
-            if ((size_t)r < t->rbuf_len) break;
+            if ((size_t)r < t->rbuf_len && !io_buffered(c)) break;
             continue;
         }
         if (r == 0) {
@@ -471,8 +602,7 @@ static int do_read(struct thr *t, struct conn *c, uint64_t now) {
         }
         if (errno == EINTR) continue;
         if (errno == EAGAIN) break;
-        if (errno == ECONNRESET) t->st.err_reset++;
-        else t->st.err_other++;
+        count_error(t, errno);
         return -1;
     }
     if (c->wleft > 0) return do_write(t, c);
@@ -502,6 +632,12 @@ static void handle_event(struct thr *t, struct conn *c, uint32_t ev) {
         if (finish_connect(t, c, now) < 0) fail_and_retry(t, c, now);
         return;
     }
+#ifdef LOADGEN_TLS
+    if (c->state == ST_HANDSHAKE) {
+        if (tls_handshake(t, c, now, 1) < 0) fail_and_retry(t, c, now);
+        return;
+    }
+#endif
     if (c->state != ST_ACTIVE) return;
     int rc = 0;
     if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) rc = do_read(t, c, now);
@@ -634,7 +770,8 @@ static void usage(void) {
             "usage: loadgen --addr HOST:PORT|unix:PATH [--mode pingpong|pipeline|connect|"
             "broadcast|idle]\n"
             "               [-c CONNS] [-s SIZE] [-p INFLIGHT] [-t THREADS] [-d SECONDS]\n"
-            "               [-w WARMUP] [-k SENDERS] [--drain SECONDS] [--concurrency N] [-q]\n");
+            "               [-w WARMUP] [-k SENDERS] [--drain SECONDS] [--concurrency N] [-q]\n"
+            "               [--tls]   (loadgen_tls: a build with -DLOADGEN_TLS)\n");
     exit(2);
 }
 
@@ -646,7 +783,8 @@ static void parse_args(int argc, char **argv) {
         {"duration", required_argument, 0, 'd'}, {"warmup", required_argument, 0, 'w'},
         {"senders", required_argument, 0, 'k'},  {"drain", required_argument, 0, 'D'},
         {"concurrency", required_argument, 0, 'C'}, {"quiet", no_argument, 0, 'q'},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+        {"tls", no_argument, 0, 'T'},            {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
     int ch, pipeline_set = 0;
     while ((ch = getopt_long(argc, argv, "a:m:c:s:p:t:d:w:k:qh", lo, NULL)) != -1) {
         switch (ch) {
@@ -668,6 +806,7 @@ static void parse_args(int argc, char **argv) {
         case 'D': opt.drain = atof(optarg); break;
         case 'C': opt.concurrency = atoi(optarg); break;
         case 'q': opt.quiet = 1; break;
+        case 'T': opt.tls = 1; break;
         default: usage();
         }
     }
@@ -678,6 +817,13 @@ static void parse_args(int argc, char **argv) {
     if (opt.conns < 1 || opt.size < 1 || opt.pipeline < 1 || opt.threads < 1 ||
         opt.duration <= 0 || opt.warmup < 0 || opt.concurrency < 1) usage();
     if (opt.threads > opt.conns) opt.threads = opt.conns;
+#ifndef LOADGEN_TLS
+    if (opt.tls) {
+        fprintf(stderr, "loadgen: built without TLS; --tls needs a build with -DLOADGEN_TLS "
+                        "linked with -lssl -lcrypto (bench/build/loadgen_tls)\n");
+        exit(2);
+    }
+#endif
     if (opt.mode == M_BROADCAST) {
         if (opt.size < 48) {
             fprintf(stderr, "loadgen: broadcast messages need --size >= 48\n");
@@ -686,6 +832,22 @@ static void parse_args(int argc, char **argv) {
         if (opt.senders < 1 || opt.senders > opt.conns) usage();
     }
 }
+
+#ifdef LOADGEN_TLS
+/* A client context: no certificate verification, no session resumption (every
+ * connection a full handshake), partial writes, read-ahead. */
+static void setup_tls(void) {
+    g_tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!g_tls_ctx) die("SSL_CTX_new");
+    SSL_CTX_set_verify(g_tls_ctx, SSL_VERIFY_NONE, NULL);
+    SSL_CTX_set_session_cache_mode(g_tls_ctx, SSL_SESS_CACHE_OFF);
+    /* A retried SSL_write passes the same bytes, possibly more of them. */
+    SSL_CTX_set_mode(g_tls_ctx,
+                     SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_CTX_set_read_ahead(g_tls_ctx, 1);
+    SSL_CTX_set_options(g_tls_ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+}
+#endif
 
 static void setup_thread(struct thr *t, int index) {
     memset(t, 0, sizeof *t);
@@ -742,6 +904,7 @@ static void report(struct thr *ts, double loadgen_cpu) {
         s.err_connect += x->err_connect; s.err_reset += x->err_reset;
         s.err_short += x->err_short; s.err_other += x->err_other;
         s.err_closed += x->err_closed; s.err_protocol += x->err_protocol;
+        s.err_tls += x->err_tls;
         s.sent += x->sent; s.delivered += x->delivered; s.out_of_order += x->out_of_order;
         s.nlat += x->nlat;
         if (x->max_ns > s.max_ns) s.max_ns = x->max_ns;
@@ -753,7 +916,11 @@ static void report(struct thr *ts, double loadgen_cpu) {
     double p50 = percentile_us(&s, 0.50), p99 = percentile_us(&s, 0.99);
     double p999 = percentile_us(&s, 0.999), mx = (double)s.max_ns / 1000.0;
     uint64_t errors = s.err_connect + s.err_reset + s.err_short + s.err_closed +
-                      s.err_protocol + s.err_other;
+                      s.err_protocol + s.err_other + s.err_tls;
+    char tls[160] = "null"; /* the JSON value: "PROTOCOL CIPHER" of the first handshake */
+#ifdef LOADGEN_TLS
+    if (atomic_load(&g_tls_info_set)) snprintf(tls, sizeof tls, "\"%s\"", g_tls_info);
+#endif
     unsigned long long expected = (unsigned long long)s.sent * (unsigned long long)opt.conns;
     long long missing = opt.mode == M_BROADCAST ? (long long)expected - (long long)s.delivered : 0;
     if (!opt.quiet) {
@@ -772,29 +939,32 @@ static void report(struct thr *ts, double loadgen_cpu) {
         printf("messages %llu  %.1f msg/s  %.2f MB/s\n", (unsigned long long)s.msgs, mps, mbs);
         printf("latency us  p50 %.1f  p99 %.1f  p99.9 %.1f  max %.1f\n", p50, p99, p999, mx);
         printf("errors %llu  connect %llu  reset %llu  short-read %llu  closed %llu  "
-               "protocol %llu  other %llu\n",
+               "protocol %llu  other %llu  tls %llu\n",
                (unsigned long long)errors, (unsigned long long)s.err_connect,
                (unsigned long long)s.err_reset, (unsigned long long)s.err_short,
                (unsigned long long)s.err_closed, (unsigned long long)s.err_protocol,
-               (unsigned long long)s.err_other);
+               (unsigned long long)s.err_other, (unsigned long long)s.err_tls);
+        if (strcmp(tls, "null") != 0) printf("tls %s\n", tls);
     }
     printf("{\"mode\":\"%s\",\"addr\":\"%s\",\"connections\":%d,\"size\":%d,\"pipeline\":%d,"
            "\"threads\":%d,\"duration\":%.3f,\"warmup\":%.3f,\"messages\":%llu,"
            "\"msgs_per_s\":%.1f,\"mb_per_s\":%.3f,\"connects\":%llu,\"conns_per_s\":%.1f,"
            "\"lat_us\":{\"p50\":%.1f,\"p99\":%.1f,\"p999\":%.1f,\"max\":%.1f},"
            "\"errors\":{\"connect\":%llu,\"reset\":%llu,\"short_read\":%llu,\"closed\":%llu,"
-           "\"protocol\":%llu,\"other\":%llu},"
+           "\"protocol\":%llu,\"other\":%llu,\"tls\":%llu},"
            "\"errors_total\":%llu,\"senders\":%d,\"sent\":%llu,\"delivered\":%llu,"
-           "\"expected\":%llu,\"missing\":%lld,\"out_of_order\":%llu,\"loadgen_cpu_s\":%.3f}\n",
+           "\"expected\":%llu,\"missing\":%lld,\"out_of_order\":%llu,\"loadgen_cpu_s\":%.3f,"
+           "\"tls\":%s}\n",
            mode_names[opt.mode], opt.addr, opt.conns, opt.size, opt.pipeline, opt.threads, d,
            opt.warmup, (unsigned long long)s.msgs, mps, mbs, (unsigned long long)s.connects,
            (double)s.connects / d, p50, p99, p999, mx, (unsigned long long)s.err_connect,
            (unsigned long long)s.err_reset, (unsigned long long)s.err_short,
            (unsigned long long)s.err_closed, (unsigned long long)s.err_protocol,
-           (unsigned long long)s.err_other, (unsigned long long)errors,
-           opt.mode == M_BROADCAST ? opt.senders : 0, (unsigned long long)s.sent,
-           (unsigned long long)s.delivered, opt.mode == M_BROADCAST ? expected : 0ull, missing,
-           (unsigned long long)s.out_of_order, loadgen_cpu);
+           (unsigned long long)s.err_other, (unsigned long long)s.err_tls,
+           (unsigned long long)errors, opt.mode == M_BROADCAST ? opt.senders : 0,
+           (unsigned long long)s.sent, (unsigned long long)s.delivered,
+           opt.mode == M_BROADCAST ? expected : 0ull, missing, (unsigned long long)s.out_of_order,
+           loadgen_cpu, tls);
     fflush(stdout);
 }
 
@@ -804,7 +974,8 @@ static void idle_report(struct thr *ts) {
     for (int i = 0; i < opt.threads; i++) {
         total += ts[i].established;
         errors += ts[i].st.err_connect + ts[i].st.err_reset + ts[i].st.err_short +
-                  ts[i].st.err_closed + ts[i].st.err_protocol + ts[i].st.err_other;
+                  ts[i].st.err_closed + ts[i].st.err_protocol + ts[i].st.err_other +
+                  ts[i].st.err_tls;
     }
     printf("# phase idle-ready {\"mode\":\"idle\",\"connections\":%d,\"established\":%d,"
            "\"errors_total\":%llu,\"setup_s\":%.3f}\n",
@@ -817,6 +988,9 @@ int main(int argc, char **argv) {
     parse_args(argc, argv);
     parse_addr(opt.addr);
     raise_nofile();
+#ifdef LOADGEN_TLS
+    if (opt.tls) setup_tls();
+#endif
     signal(SIGPIPE, SIG_IGN);
     struct sigaction sa = {.sa_handler = on_signal};
     sigaction(SIGTERM, &sa, NULL);

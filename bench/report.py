@@ -15,6 +15,7 @@ from typing import Any
 
 Run = dict[str, Any]
 Metric = Callable[[Run], float | None]
+Section = tuple[str, list[str]]
 
 
 def si(value: float | None) -> str:
@@ -110,21 +111,91 @@ def errors_text(runs: list[Run]) -> str:
     return f"{total} ({', '.join(detail)})" if detail else str(total)
 
 
+RATIO_COLUMNS = ["msg/s", "server CPU µs/msg", "p99 µs", "errors", "msg/s vs uvloop",
+                 "CPU vs uvloop", "CPU vs C"]
+
+
+def ratio_row(first: list[str], rs: list[Run], uv: list[Run] | None,
+              c: list[Run] | None, extra: list[str] | None = None) -> str:
+    """The RATIO_COLUMNS of one server's runs, against the uvloop and C runs beside them."""
+    return row([
+        *first,
+        spread(values(rs, msgs), si),
+        spread(values(rs, cpu_per_msg), num),
+        num(med(rs, "lat_p99"), 0),
+        errors_text(rs),
+        ratio_text(paired_ratio(rs, uv, msgs)),
+        ratio_text(paired_ratio(rs, uv, cpu_per_msg)),
+        ratio_text(paired_ratio(rs, c, cpu_per_msg)),
+        *(extra or []),
+    ])
+
+
 def echo_table(runs: list[Run]) -> list[str]:
-    lines = header(["scenario", "server", "msg/s", "server CPU µs/msg", "p99 µs", "errors",
-                    "msg/s vs uvloop", "CPU vs uvloop", "CPU vs C"])
+    lines = header(["scenario", "server", *RATIO_COLUMNS])
     for scenario, servers in by_scenario(runs).items():
         uv, c = servers.get("uvloop"), servers.get("c")
         for server, rs in servers.items():
+            lines.append(ratio_row([scenario, server], rs, uv, c))
+    return lines
+
+
+def without_workers(key: str) -> str:
+    """'tcp/w2/pingpong/c64/64B' -> 'tcp/pingpong/c64/64B'."""
+    return "/".join(part for i, part in enumerate(key.split("/")) if i != 1)
+
+
+def by_base(runs: Iterable[Run]) -> dict[str, list[Run]]:
+    """Scenario key less the worker count -> runs, in order of appearance."""
+    table: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        table[without_workers(run["scenario"])].append(run)
+    return table
+
+
+def delivery_counts(rs: list[Run]) -> list[str]:
+    """Broadcast: the deliveries that never came and those out of order, over the rounds."""
+    return [str(sum(int(r.get(key, 0)) for r in rs)) for key in ("missing", "out_of_order")]
+
+
+def workers_tables(runs: list[Run], uvloop: str, c: str | None,
+                   broadcast: bool = False) -> list[Section]:
+    """One table per scenario: a row per worker count and server, with paired ratios
+    against the ``uvloop`` and ``c`` servers of the same worker count (and, for
+    ``broadcast``, the missing and out-of-order deliveries)."""
+    out = []
+    for base, base_runs in by_base(runs).items():
+        extra = ["missing", "out of order"] if broadcast else []
+        lines = header(["workers", "server", *RATIO_COLUMNS, *extra])
+        for servers in by_scenario(base_runs).values():
+            uv_runs, c_runs = servers.get(uvloop), servers.get(c) if c else None
+            for server, rs in servers.items():
+                lines.append(ratio_row([str(rs[0]["workers"]), server], rs, uv_runs, c_runs,
+                                       delivery_counts(rs) if broadcast else []))
+        out.append((base, lines))
+    return out
+
+
+def burst_table(runs: list[Run]) -> list[str]:
+    """The slowest first reply of a connection burst, per worker count and server."""
+    def slowest_ms(r: Run) -> float | None:
+        return None if r.get("lat_max") is None else float(r["lat_max"]) / 1000
+
+    firsts: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        if r["workers"] == 1:
+            firsts[r["server"]] += values([r], slowest_ms)
+    one = {server: statistics.median(found) for server, found in firsts.items() if found}
+    lines = header(["scenario", "server", "slowest first reply ms", "p99 ms", "errors",
+                    "vs workers=1"])
+    for scenario, servers in by_scenario(runs).items():
+        for server, rs in servers.items():
+            found = values(rs, slowest_ms)
+            base = one.get(server)
             lines.append(row([
-                scenario, server,
-                spread(values(rs, msgs), si),
-                spread(values(rs, cpu_per_msg), num),
-                num(med(rs, "lat_p99"), 0),
+                scenario, server, spread(found, num), num((med(rs, "lat_p99") or 0) / 1000),
                 errors_text(rs),
-                ratio_text(paired_ratio(rs, uv, msgs)),
-                ratio_text(paired_ratio(rs, uv, cpu_per_msg)),
-                ratio_text(paired_ratio(rs, c, cpu_per_msg)),
+                ratio_text(statistics.median(found) / base if found and base else None),
             ]))
     return lines
 
@@ -143,8 +214,7 @@ def broadcast_table(runs: list[Run]) -> list[str]:
                 spread(values(rs, cpu_per_msg), num),
                 num(med(rs, "lat_p50"), 0),
                 num(med(rs, "lat_p99"), 0),
-                str(sum(int(r.get("missing", 0)) for r in rs)),
-                str(sum(int(r.get("out_of_order", 0)) for r in rs)),
+                *delivery_counts(rs),
                 errors_text(rs),
                 ratio_text(paired_ratio(rs, ref, cpu_per_msg)),
             ]))

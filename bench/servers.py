@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,16 +23,49 @@ BUILD = BENCH / "build"
 PEERS = BENCH / "peers"
 PY = sys.executable
 
-C_PROGRAMS = {"loadgen": BENCH / "loadgen.c", "c_echo": PEERS / "c_echo.c"}
+
+def _octopusd() -> str:
+    """The octopusd script beside this interpreter, else the one on PATH."""
+    beside = Path(PY).with_name("octopusd")
+    return str(beside) if beside.exists() else shutil.which("octopusd") or "octopusd"
+
+
+OCTOPUSD = _octopusd()
+
+
+@dataclass(frozen=True)
+class CProgram:
+    source: Path
+    cflags: tuple[str, ...] = ()
+    libs: tuple[str, ...] = ()
+    headers: tuple[Path, ...] = ()
+
+
+OPENSSL = ("-lssl", "-lcrypto")
+C_PROGRAMS = {
+    "loadgen": CProgram(BENCH / "loadgen.c"),
+    "c_echo": CProgram(PEERS / "c_echo.c", headers=(PEERS / "c_peer.h",)),
+}
+# Linked with OpenSSL (libssl-dev): built only for the TLS benchmark.
+TLS_PROGRAMS = {
+    "loadgen_tls": CProgram(BENCH / "loadgen.c", ("-DLOADGEN_TLS",), OPENSSL),
+    "c_tls_echo": CProgram(PEERS / "c_tls_echo.c", (), OPENSSL, (PEERS / "c_peer.h",)),
+}
 
 
 @dataclass(frozen=True)
 class ServerSpec:
     name: str
     argv: tuple[str, ...]
-    kind: str = "echo"  # "echo" or "broadcast"
+    kind: str = "echo"  # "echo", "broadcast" or "tls" (echo over TLS)
     octopus: bool = False  # needs the octopus package; with workers > 1 a master forks them
-    max_workers: int = 64
+    max_workers: int = 64  # a single-process server has 1: it runs one process at any count
+
+
+def octopusd(app: str) -> tuple[str, ...]:
+    """``octopusd start`` serving a class of a peer module: always a master and its workers."""
+    return (OCTOPUSD, "start", "--app", app, "--pythonpath", str(PEERS), "--framing", "raw",
+            "--log-level", "warning")
 
 
 SERVERS: dict[str, ServerSpec] = {
@@ -44,26 +79,40 @@ SERVERS: dict[str, ServerSpec] = {
                    octopus=True),
         ServerSpec("octopus-line", (PY, str(PEERS / "octopus_echo.py"), "--framing", "line"),
                    octopus=True),
+        ServerSpec("octopusd", octopusd("octopus_echo:Echo"), octopus=True),
         ServerSpec("asyncio-bcast", (PY, str(PEERS / "asyncio_broadcast.py")),
+                   kind="broadcast", max_workers=1),
+        ServerSpec("uvloop-bcast", (PY, str(PEERS / "uvloop_broadcast.py")),
                    kind="broadcast", max_workers=1),
         ServerSpec("octopus-bcast", (PY, str(PEERS / "octopus_broadcast.py")),
                    kind="broadcast", octopus=True),
         ServerSpec("octopus-redis", (PY, str(PEERS / "octopus_broadcast.py"), "--redis"),
                    kind="broadcast", octopus=True),
+        ServerSpec("octopusd-bcast", octopusd("octopus_broadcast:Broadcast"),
+                   kind="broadcast", octopus=True),
+        ServerSpec("c-tls", (str(BUILD / "c_tls_echo"),), kind="tls"),
+        ServerSpec("uvloop-tls", (PY, str(PEERS / "uvloop_tls_echo.py")), kind="tls"),
+        ServerSpec("octopus-tls", (PY, str(PEERS / "octopus_echo.py"), "--framing", "raw"),
+                   kind="tls", octopus=True),
     )
 }
+# The servers of the default matrix (run.py without --servers).
+MATRIX = ("c", "asyncio", "uvloop", "epoll", "octopus", "octopus-line", "asyncio-bcast",
+          "octopus-bcast", "octopus-redis")
 
 
-def build(cc: str = "cc") -> None:
-    """Compile the C programs into bench/build/ when their source is newer."""
+def build(programs: dict[str, CProgram] = C_PROGRAMS, cc: str = "cc") -> None:
+    """Compile C programs into bench/build/ when a source is newer than the binary."""
     BUILD.mkdir(exist_ok=True)
-    for name, source in C_PROGRAMS.items():
+    for name, prog in programs.items():
         target = BUILD / name
-        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
+        newest = max(p.stat().st_mtime for p in (prog.source, *prog.headers))
+        if target.exists() and target.stat().st_mtime >= newest:
             continue
         # Compile beside the target and rename: another run may be using it.
         tmp = BUILD / f".{name}.{os.getpid()}"
-        argv = [cc, "-O2", "-Wall", "-pthread", "-o", str(tmp), str(source)]
+        argv = [cc, "-O2", "-Wall", "-pthread", *prog.cflags, "-o", str(tmp), str(prog.source),
+                *prog.libs]
         subprocess.run(argv, check=True)
         os.replace(tmp, target)
 
@@ -92,8 +141,11 @@ def free_port() -> int:
     raise RuntimeError("no free port found")
 
 
-def probe(addr: str, timeout: float = 0.5) -> bool:
-    """True when a round trip of one line through the server at ``addr`` works."""
+def probe(addr: str, timeout: float = 0.5, tls: bool = False) -> bool:
+    """True when a round trip of one line through the server at ``addr`` works.
+
+    With ``tls`` the line goes over TLS (the certificate is not verified).
+    """
     if addr.startswith("unix:"):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         target: str | tuple[str, int] = addr[5:]
@@ -102,6 +154,11 @@ def probe(addr: str, timeout: float = 0.5) -> bool:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         target = (host, int(port))
     sock.settimeout(timeout)
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        sock = context.wrap_socket(sock)  # the handshake runs in connect()
     try:
         sock.connect(target)
         sock.sendall(b"ready\n")
@@ -121,10 +178,13 @@ def probe(addr: str, timeout: float = 0.5) -> bool:
 class Server:
     """One server under test, running in its own process group."""
 
-    def __init__(self, spec: ServerSpec, workers: int, transport: str, tmpdir: Path) -> None:
+    def __init__(self, spec: ServerSpec, workers: int, transport: str, tmpdir: Path,
+                 cpus: str | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self.spec = spec
-        self.workers = workers
+        self.workers = min(workers, spec.max_workers)
         self.transport = transport
+        self.cpus = cpus  # taskset -c CPUS: the server and every process it forks
+        self.tls = tls  # certificate and key files, for a spec of kind "tls"
         self.tmpdir = tmpdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.addr = ""
@@ -145,6 +205,12 @@ class Server:
         else:
             self.addr = f"127.0.0.1:{free_port()}"
         argv = [*self.spec.argv, "--bind", self.addr, "--workers", str(self.workers)]
+        if self.spec.kind == "tls":
+            if self.tls is None:
+                raise RuntimeError(f"{self.spec.name} needs a certificate")
+            argv += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
+        if self.cpus is not None:
+            argv = ["taskset", "-c", self.cpus, *argv]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=log, start_new_session=True)
@@ -152,7 +218,7 @@ class Server:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 break
-            if probe(self.addr) and self.workers_up():
+            if probe(self.addr, tls=self.spec.kind == "tls") and self.workers_up():
                 return
             time.sleep(0.02)
         self.stop()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import cast
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 from peerlib import BACKLOG, bind, parse_args, raise_nofile
 
@@ -51,10 +52,11 @@ async def serve(sock: socket.socket) -> None:
     await server.serve_forever()
 
 
-def main() -> None:
-    args = parse_args("asyncio line broadcast server (one process)")
+def main(run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run,
+         description: str = "asyncio line broadcast server (one process)") -> None:
+    args = parse_args(description)
     raise_nofile()
-    asyncio.run(serve(bind(args.bind)))
+    run(serve(bind(args.bind)))
 
 
 if __name__ == "__main__":

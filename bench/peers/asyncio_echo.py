@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from peerlib import BACKLOG, setup
+from peerlib import BACKLOG, setup, tls_context
 
 
 class Echo(asyncio.Protocol):
@@ -23,16 +24,17 @@ class Echo(asyncio.Protocol):
         self.transport.write(data)
 
 
-async def serve(sock: socket.socket) -> None:
+async def serve(sock: socket.socket, context: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, sock=sock, backlog=BACKLOG)
+    server = await loop.create_server(Echo, sock=sock, backlog=BACKLOG, ssl=context)
     await server.serve_forever()
 
 
 def main(run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run,
-         description: str = "asyncio Protocol echo server") -> None:
-    _, sock = setup(description)
-    run(serve(sock))
+         description: str = "asyncio Protocol echo server", tls: str = "") -> None:
+    """Serve echo; ``tls`` as peerlib.parse_args takes it ("required": TLS only)."""
+    args, sock = setup(description, tls)
+    run(serve(sock, tls_context(args)))
 
 
 if __name__ == "__main__":

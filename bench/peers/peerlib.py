@@ -2,7 +2,8 @@
 
 Each peer takes ``--bind ADDR`` (``HOST:PORT`` or ``unix:PATH``) and
 ``--workers N``: it binds once, then forks N-1 children that share the
-listening socket, the same process model as octopus and c_echo.
+listening socket, the same process model as octopus and c_echo. Peers that
+speak TLS take ``--tls-cert PEM --tls-key PEM`` too.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import os
 import resource
 import signal
 import socket
+import ssl
 
 BACKLOG = 2048  # octopus's default, so no peer loses connections to a short queue
 PR_SET_PDEATHSIG = 1
 
 
-def parse_args(description: str, framing: bool = False,
-               redis: bool = False) -> argparse.Namespace:
+def parse_args(description: str, framing: bool = False, redis: bool = False,
+               tls: str = "") -> argparse.Namespace:
+    """The peer's options; ``tls`` is "" (none), "optional" or "required"."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--bind", default="127.0.0.1:9876", help="HOST:PORT or unix:PATH")
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the socket")
@@ -29,7 +32,26 @@ def parse_args(description: str, framing: bool = False,
     if redis:
         parser.add_argument("--redis", action="store_true",
                             help="broadcast through a private redis-server")
-    return parser.parse_args()
+    if tls:
+        parser.add_argument("--tls-cert", "--cert", help="certificate chain (PEM)")
+        parser.add_argument("--tls-key", "--key", help="private key (PEM)")
+    args = parser.parse_args()
+    if tls and (tls == "required" or args.tls_cert or args.tls_key) and not (
+            args.tls_cert and args.tls_key):
+        parser.error("TLS needs both --tls-cert and --tls-key")
+    return args
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """A server context with the certificate and key of --tls-cert/--tls-key, else None.
+
+    Python's and OpenSSL's defaults otherwise: TLS 1.3 with its default ciphers.
+    """
+    if not getattr(args, "tls_cert", None):
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(args.tls_cert, args.tls_key)
+    return context
 
 
 def raise_nofile() -> None:
@@ -75,9 +97,9 @@ def fork_workers(workers: int) -> None:
             return
 
 
-def setup(description: str) -> tuple[argparse.Namespace, socket.socket]:
+def setup(description: str, tls: str = "") -> tuple[argparse.Namespace, socket.socket]:
     """Parse the command line, raise the file limit, bind and fork."""
-    args = parse_args(description)
+    args = parse_args(description, tls=tls)
     raise_nofile()
     sock = bind(args.bind)
     fork_workers(args.workers)
