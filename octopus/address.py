@@ -8,7 +8,9 @@ Accepted forms (SPEC section 2)::
     "unix:PATH" / "/a/path"   Unix-domain stream socket (a bare path contains "/")
     "fd://N"                  an already-listening socket inherited as descriptor N
 
-Parsing is pure: nothing is resolved or bound here.
+A bind entry may follow the address with flag words, nginx-style
+(``"0.0.0.0:9443 proxy tls"``): ``tls`` serves TLS, ``proxy`` expects a PROXY
+protocol header first. Parsing is pure: nothing is resolved or bound here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Literal
 from octopus.errors import ConfigError
 
 Kind = Literal["tcp", "unix", "fd"]
+FLAGS = ("tls", "proxy")
 
 
 @dataclass(frozen=True)
@@ -77,3 +80,15 @@ def parse_address(addr: str | int) -> Address:
     if ":" in host:
         raise ConfigError(f"invalid address {addr!r}: write IPv6 addresses as [V6]:PORT")
     return Address("tcp", host=host, port=_port(port, addr))
+
+
+def parse_bind(entry: str | int) -> tuple[Address, frozenset[str]]:
+    """Parse one bind entry: an ADDR and its flag words; ConfigError naming it."""
+    if isinstance(entry, str) and len(words := entry.split()) > 1:
+        address = parse_address(words[0])
+        unknown = [word for word in words[1:] if word not in FLAGS]
+        if unknown:
+            raise ConfigError(f"invalid address {entry!r}: unknown flag {unknown[0]!r} "
+                              f"(expected {' or '.join(FLAGS)})")
+        return address, frozenset(words[1:])
+    return parse_address(entry), frozenset()

@@ -20,9 +20,11 @@ import signal
 import sys
 
 from octopus import broadcast, logs, privileges
+from octopus.balance import Balancer
 from octopus.broadcast import local as _local  # noqa: F401  (see drop_privileges)
 from octopus.config import Settings
 from octopus.connection import SocketConnection
+from octopus.counters import collect
 from octopus.importer import import_app, prepare_path
 from octopus.process import Target, WorkerContext
 from octopus.scoreboard import READY, RETIRING
@@ -65,7 +67,8 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
     faulthandler.enable(file=sys.stderr, all_threads=True)
     board, slot = ctx.scoreboard, ctx.slot
     worker = Worker(ctx.listeners, connection_class, settings, exclusive=True,
-                    accept_gate=lambda count: board.may_accept(slot, count))
+                    listener_flags=ctx.listener_flags)
+    Balancer(board, slot, ctx.namespace, settings.workers).attach(worker)
     loop = worker.loop
     # An idle loop must still beat several times per timeout.
     loop.max_wait = min(loop.max_wait, settings.timeout / 4)
@@ -78,6 +81,8 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
             last_beat = now
             board.beat(slot, now, len(worker.connections), worker.messages_in,
                        worker.messages_out, worker.accepted)
+            board.publish(slot, worker.accepting, collect(worker))
+            worker.update_fair_share()
 
     def ready() -> None:
         board.set_state(slot, READY)
@@ -99,4 +104,6 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
     try:
         worker.run()
     finally:
+        # The final counts (the closes of the stop included) for the master to keep.
+        board.publish(slot, False, collect(worker))
         loop.close()

@@ -184,7 +184,9 @@ def status(config_file: str | None, pid_path: str | None, as_json: bool) -> None
         click.echo(f"  worker {w['index']} pid {w['pid']} gen {w['generation']} {w['state']}: "
                    f"age {w['age']:.0f}s, {w['connections']} connections, "
                    f"{w['messages_in']} in, {w['messages_out']} out, "
-                   f"{w['restarts']} restarts")
+                   f"{w['restarts']} restarts" + _process_text(w))
+    if "totals" in snapshot:
+        _echo_totals(snapshot["totals"])
     if reload_["time"] is None:
         click.echo("last reload: none")
     else:
@@ -192,16 +194,43 @@ def status(config_file: str | None, pid_path: str | None, as_json: bool) -> None
         click.echo(f"last reload: {outcome}")
 
 
+def _process_text(worker: dict[str, Any]) -> str:
+    if worker.get("rss_bytes") is None:
+        return ""
+    return (f", cpu {worker['cpu_seconds']:.2f}s, rss {worker['rss_bytes'] / 2**20:.1f} MiB, "
+            f"heartbeat {worker['heartbeat_age']:.2f}s ago")
+
+
+def _counts(counts: dict[str, int]) -> str:
+    """``eof 3, reset 1``: the non-zero entries, or ``none``."""
+    return ", ".join(f"{name} {count}" for name, count in counts.items() if count) or "none"
+
+
+def _echo_totals(totals: dict[str, Any]) -> None:
+    """Every worker's counters summed, exited workers included."""
+    click.echo(f"totals: {totals['accepted']} accepted, {totals['messages_in']} messages in "
+               f"({totals['bytes_in']} bytes), {totals['messages_out']} out "
+               f"({totals['bytes_out']} bytes), {totals['broadcasts_sent']} broadcasts, "
+               f"cpu {totals['cpu_seconds']:.2f}s")
+    click.echo(f"  closed: {_counts(totals['closes'])}")
+    click.echo(f"  accept pauses: {_counts(totals['accept_pauses'])}")
+    click.echo(f"  broadcasts: {totals['broadcasts_delivered']} delivered, "
+               f"{totals['broadcasts_dropped']} dropped, {totals['redis_gap']} missed Redis")
+    click.echo(f"  worker restarts: {_counts(totals['worker_restarts'])}; "
+               f"reloads: {_counts(totals['reloads'])}")
+
+
 @main.command()
 @config_option
 @click.option("--app", metavar="MODULE:CLASS", help="The application to import.")
 def check(config_file: str | None, app: str | None) -> None:
     """Validate the configuration and import the application; bind nothing."""
-    from octopus import privileges
+    from octopus import privileges, tls
     from octopus.importer import import_app, prepare_path
 
     settings, _ = load_settings(config_file, options={"app": app})
     privileges.check(settings.user, settings.group)
+    tls.check(settings)
     prepare_path(settings.chdir, settings.pythonpath)
     cls = import_app(settings.app)
     click.echo(f"ok: {settings.app} ({cls.__module__}.{cls.__qualname__}), "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from octopus.address import Address, parse_address
+from octopus.address import Address, parse_address, parse_bind
 from octopus.errors import ConfigError
 
 Parser = Callable[[object], object]
@@ -132,10 +133,39 @@ def _bind(value: object) -> tuple[str, ...]:
         raise _expected("at least one address", value)
     for item in items:
         try:
-            parse_address(item)  # type: ignore[arg-type]  # it rejects other types itself
+            parse_bind(item)  # type: ignore[arg-type]  # it rejects other types itself
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
-    return tuple(str(item).strip() for item in items)
+    return tuple(" ".join(str(item).split()) for item in items)
+
+
+def _address(value: object) -> str:
+    """One ADDR, kept as text."""
+    try:
+        parse_address(value)  # type: ignore[arg-type]  # it rejects other types itself
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return str(value).strip()
+
+
+def _names(value: object) -> tuple[str, ...]:
+    """A list of non-empty strings, or one comma-separated string."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(
+            isinstance(item, str) and item.strip() for item in items):
+        raise _expected("a list of names or a comma-separated string", value)
+    return tuple(item.strip() for item in items)
+
+
+def _networks(value: object) -> tuple[str, ...]:
+    """CIDR networks ("10.0.0.0/8", "::1"), checked now, kept as text."""
+    items = _names(value)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _expected("a network such as \"10.0.0.0/8\"", item) from None
+    return items
 
 
 def _identity(value: object) -> str | int:
@@ -231,6 +261,10 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("graceful_timeout", _seconds(positive=False), 30,
                 "Seconds retiring workers get to finish their connections on reload or "
                 "stop.", "SECONDS"),
+        Setting("threads", _positive_int, 4,
+                "Threads in each worker's pool for run_in_thread() (blocking calls off "
+                "the event loop). The pool starts on first use: a worker that never "
+                "uses it has no threads.", "N"),
     )),
     ("Connections", (
         Setting("framing", _choice("raw", "line", "length"), "raw",
@@ -284,6 +318,44 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "Channel name on the shared broadcast backend; servers that share it see "
                 "each other's broadcasts.", "NAME"),
     )),
+    ("TLS and PROXY protocol", (
+        Setting("tls_cert", _optional(_text), None,
+                'PEM certificate (the chain may follow it) for the bind addresses '
+                'flagged "tls" ("0.0.0.0:9443 tls"). Read by each worker when it boots, '
+                "so a reload picks up a renewed certificate.",
+                "PATH", example="/etc/octopus/cert.pem"),
+        Setting("tls_key", _optional(_text), None,
+                "PEM private key of tls_cert (unset: the cert file holds it).",
+                "PATH", example="/etc/octopus/key.pem"),
+        Setting("tls_ca", _optional(_text), None,
+                "PEM bundle of the CAs that sign client certificates.",
+                "PATH", example="/etc/octopus/clients-ca.pem"),
+        Setting("tls_verify", _choice("none", "optional", "required"), "none",
+                'Client certificates: "none" (not asked for), "optional" (verified when '
+                'sent) or "required".', "none|optional|required"),
+        Setting("tls_min_version", _choice("1.2", "1.3"), "1.2",
+                'Oldest TLS version accepted: "1.2" or "1.3".', "1.2|1.3"),
+        Setting("tls_ciphers", _optional(_text), None,
+                "OpenSSL cipher string for TLS 1.2 (unset: OpenSSL's default).",
+                "CIPHERS", example="ECDHE+AESGCM:ECDHE+CHACHA20"),
+        Setting("tls_alpn", _names, [],
+                "ALPN protocols offered, in order of preference.", "PROTOCOL",
+                multiple=True),
+        Setting("tls_handshake_timeout", _seconds(positive=True), 10,
+                "Seconds a client gets to complete the TLS handshake.", "SECONDS"),
+        Setting("proxy_trusted", _networks, [],
+                'Networks (CIDR) allowed to send PROXY headers on listeners flagged '
+                '"proxy"; empty: any peer.', "CIDR", multiple=True),
+        Setting("proxy_timeout", _seconds(positive=True), 5,
+                "Seconds a client gets to send its PROXY header.", "SECONDS"),
+    )),
+    ("Metrics", (
+        Setting("metrics_bind", _optional(_address), None,
+                "Address where the master serves GET /metrics (Prometheus text format) "
+                "and GET /health (200 when every worker is ready and accepting, else "
+                "503): HOST:PORT, [IPV6]:PORT or unix:PATH. Unset: not served.",
+                "ADDR", example="127.0.0.1:9100"),
+    )),
 )
 
 SETTINGS: tuple[Setting, ...] = tuple(s for _, group in SECTIONS for s in group)
@@ -331,6 +403,7 @@ class Settings:
     max_connections: int
     timeout: float
     graceful_timeout: float
+    threads: int
     framing: str
     max_message_size: int
     max_write_buffer: int
@@ -345,6 +418,17 @@ class Settings:
     log_format: str
     broadcast: str
     broadcast_channel: str
+    tls_cert: str | None
+    tls_key: str | None
+    tls_ca: str | None
+    tls_verify: str
+    tls_min_version: str
+    tls_ciphers: str | None
+    tls_alpn: tuple[str, ...]
+    tls_handshake_timeout: float
+    proxy_trusted: tuple[str, ...]
+    proxy_timeout: float
+    metrics_bind: str | None
     # Not a user setting: the file load() read (absolute), for reload to read again.
     config_file: str | None = None
 
@@ -352,9 +436,17 @@ class Settings:
         """A copy with ``changes`` (raw or typed values) validated and applied."""
         return dataclasses.replace(self, **_parse_all(changes, None))
 
+    def bind_entries(self) -> list[tuple[Address, frozenset[str]]]:
+        """``bind`` parsed: each address and its flags (validated when these
+        settings were made)."""
+        return [parse_bind(text) for text in self.bind]
+
     def addresses(self) -> tuple[Address, ...]:
-        """``bind`` parsed (it was validated when these settings were made)."""
-        return tuple(parse_address(text) for text in self.bind)
+        return tuple(address for address, _ in self.bind_entries())
+
+    def listener_flags(self) -> dict[str, frozenset[str]]:
+        """The flags of each bind entry, by its address as ``str(Address)`` writes it."""
+        return {str(address): flags for address, flags in self.bind_entries()}
 
 
 DEFAULTS = Settings(**_parse_all({s.name: s.default for s in SETTINGS}, None))

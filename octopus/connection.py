@@ -3,46 +3,72 @@
 Lifecycle (one row per transition; ``close()`` runs exactly once, on entering
 CLOSED, for every connection whose ``connect()`` was called)::
 
-    state     event                                action                       next
-    OPEN      bytes arrive                         receive() per message        OPEN
-    OPEN      send() beyond what the kernel takes  buffer, watch EPOLLOUT       OPEN
-    OPEN      peer's EOF (half-close)              flush what is pending        CLOSING
-    OPEN      disconnect()                         stop reading, flush          CLOSING
-    CLOSING   output drained, peer still open      shutdown(SHUT_WR), linger    LINGER
-    CLOSING   output drained after peer's EOF      close the socket             CLOSED
-    LINGER    peer's EOF, or linger time passes    close the socket             CLOSED
-    any       reset, hook raised, idle timeout,    close the socket now         CLOSED
-              slow consumer, oversized message,
-              quick stop
+    state       event                                action                       next
+    CONNECTING  connected (open_connection)          register, connect(), write   OPEN
+                                                     what send() queued
+    CONNECTING  connect failed, disconnect()         close the socket, set error  CLOSED
+    OPEN        bytes arrive                         receive() per message        OPEN
+    OPEN        send() beyond what the kernel takes  buffer, watch EPOLLOUT       OPEN
+    OPEN        pending output written out           drained()                    OPEN
+    OPEN        pause_reading()                      stop watching EPOLLIN        OPEN, paused
+    OPEN,       resume_reading()                     watch EPOLLIN again          OPEN
+      paused
+    OPEN        peer's EOF (half-close)              flush what is pending        CLOSING
+    OPEN        disconnect()                         stop reading, flush          CLOSING
+    CLOSING     output drained, peer still open      shutdown(SHUT_WR), linger    LINGER
+    CLOSING     output drained after peer's EOF      close the socket             CLOSED
+    LINGER      peer's EOF, or linger time passes    close the socket             CLOSED
+    any         reset, hook raised, idle timeout,    close the socket now         CLOSED
+                slow consumer, oversized message,
+                quick stop
 
 LINGER exists because closing a socket that still has unread input makes the
 kernel send RST instead of FIN, and an RST can make the peer drop the reply it
 has not read yet: so after our FIN we read and discard until the peer's EOF.
+
+Paused reading leaves the kernel's receive buffer to fill, so TCP's window
+closes and the peer is held back. Paused is not a state of its own: it is
+OPEN with EPOLLIN out of ``_events`` (in OPEN, reading watches EPOLLIN
+always), so the hot path tests nothing for it; the fd is then served by
+``_on_paused_events``, which never reads. EPOLLERR and EPOLLHUP are reported
+whatever the mask says, and level-triggered HUP (a Unix peer that closed)
+would be reported at every iteration; so a paused registration is
+edge-triggered (EPOLLET): each is seen once. An error is raised by the next
+write when output is pending, else read from SO_ERROR; a peer's EOF is read
+after ``resume_reading()``, behind the input the kernel still holds.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
+import os
+import select
 import socket
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from octopus.framing import FrameError, make_framer
+from octopus.framing import FrameError, MessageTooLarge, make_framer
 from octopus.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Timer
 
 if TYPE_CHECKING:
     from octopus.framing import Framer
+    from octopus.outbound import Connector
+    from octopus.preamble import Preamble
+    from octopus.tls import TLSInfo
     from octopus.worker import Worker
 
 app_log = logging.getLogger("octopus.app")
 log = logging.getLogger("octopus.worker")
 
-OPEN, CLOSING, LINGER, CLOSED = range(4)
+OPEN, CLOSING, LINGER, CLOSED, CONNECTING = range(5)
 RECV_SIZE = 65536
 LINGER_SECONDS = 2.0
 _READABLE = EPOLLIN | EPOLLERR | EPOLLHUP
+_PAUSED = select.EPOLLET  # the read half of a paused registration (see above)
+_ALL_BUT_OUT = ~EPOLLOUT
 # A peer that vanished: an ordinary close, not an error worth a traceback.
 _GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN})
 _UCRED = struct.Struct("3i")
@@ -57,8 +83,13 @@ class SocketConnection:
 
     framing: ClassVar[str | None] = None  # "raw", "line" or "length"; None: the setting
 
+    # Set once per class (__init_subclass__): the flush calls drained() only
+    # for classes that define it.
+    _wants_drained: ClassVar[bool] = False
+
     __slots__ = (
         "_connected",
+        "_connector",
         "_corked",
         "_events",
         "_fd",
@@ -66,12 +97,15 @@ class SocketConnection:
         "_idle_timer",
         "_last_input",
         "_peer_done",
+        "_reason",
         "_sock",
         "_state",
         "_wbuf",
         "_worker",
         "address",
         "credentials",
+        "proxied_by",
+        "tls",
     )
 
     _worker: Worker
@@ -79,8 +113,10 @@ class SocketConnection:
     _fd: int
     _state: int
     _connected: bool
+    _connector: Connector | None  # set only on outbound connections (octopus.outbound)
     _corked: bool
     _peer_done: bool
+    _reason: str  # why it is closing (octopus.counters.CLOSE_REASONS)
     _wbuf: bytearray
     _events: int
     _last_input: float
@@ -88,6 +124,8 @@ class SocketConnection:
     _framer: Framer | None
     address: Any
     credentials: tuple[int, int, int] | None
+    tls: TLSInfo | None  # on TLS listeners: version, cipher, ALPN, SNI, client certificate
+    proxied_by: Any  # on proxy listeners: the balancer's address (``address`` is the client's)
 
     def connect(self) -> None:
         """A client connected."""
@@ -98,9 +136,18 @@ class SocketConnection:
     def close(self) -> None:
         """The connection is gone, whichever side ended it."""
 
+    def drained(self) -> None:
+        """Output that had to wait has all been written: room to send more."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._wants_drained = cls.drained is not SocketConnection.drained
+
     def send(self, data: bytes) -> None:
         """Queue ``data`` (framed as this connection frames); never blocks."""
         if self._state != OPEN:
+            if self._state == CONNECTING:
+                self._connector.queue(data)  # type: ignore[union-attr]
             return
         worker = self._worker
         worker.messages_out += 1
@@ -125,21 +172,29 @@ class SocketConnection:
         except OSError as exc:
             self._lost(exc)
             return
+        worker.bytes_out += sent
         if sent < len(data):
             wbuf += memoryview(data)[sent:]
             if len(wbuf) > worker.max_write_buffer:
                 self._slow_consumer()
             else:
-                self._watch(EPOLLIN | EPOLLOUT)
+                self._watch(self._events | EPOLLOUT)  # EPOLLIN, or paused
 
     def disconnect(self) -> None:
         """Close from the server side once everything sent has been written."""
+        self._close_after_output("disconnect")
+
+    def _close_after_output(self, reason: str) -> None:
         if self._state == OPEN:
             self._state = CLOSING
+            self._reason = reason
             self._after_output()
+        elif self._state == CONNECTING:  # nothing was written yet: give up the attempt
+            self._connector.cancel(reason)  # type: ignore[union-attr]
 
     def broadcast(self, message: bytes) -> None:
         """Send ``message`` to every connection of this application, this one included."""
+        self._worker.broadcasts_sent += 1
         self._worker.broadcaster(message)
 
     def call_later(self, seconds: float, callback: Callable[[], object]) -> Timer:
@@ -151,16 +206,83 @@ class SocketConnection:
 
         return self._worker.loop.call_later(seconds, run)
 
+    def pause_reading(self) -> None:
+        """Stop reading: the kernel's buffer fills and TCP holds the peer back.
+
+        Takes effect from the next read (messages of a read being delivered
+        still arrive). No-op when already paused or not open.
+        """
+        state = self._started("pause_reading")
+        if state == OPEN and self._events & EPOLLIN:
+            self._reregister((self._events & EPOLLOUT) | _PAUSED, self._on_paused_events)
+        elif state == CONNECTING:
+            self._connector.paused = True  # type: ignore[union-attr]
+
+    def resume_reading(self) -> None:
+        """Read again after ``pause_reading()``; a no-op when not paused or not open."""
+        state = self._started("resume_reading")
+        if state == OPEN and not self._events & EPOLLIN:
+            self._reregister((self._events & EPOLLOUT) | EPOLLIN, self._on_events)
+            if self._idle_timer is not None:
+                self._last_input = self._worker.loop.time
+        elif state in (OPEN, CONNECTING) and getattr(self, "_connector", None) is not None:
+            self._connector.paused = False  # type: ignore[union-attr]  # before connect()
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes given to ``send()`` that the kernel has not taken yet."""
+        wbuf: bytearray | None = getattr(self, "_wbuf", None)
+        return 0 if wbuf is None else len(wbuf)
+
+    @property
+    def error(self) -> str | None:
+        """Why an outbound connection never connected ("connection refused" ...).
+
+        None while it connects, once it connected, and on accepted connections.
+        """
+        connector: Connector | None = getattr(self, "_connector", None)
+        return None if connector is None else connector.failure()
+
+    def open_connection(self, address: str, connection_class: type[SocketConnection]
+                        ) -> SocketConnection:
+        """Connect to ``address`` (any ADDR) from this worker, without blocking.
+
+        Returns the new connection at once: its ``connect()`` runs once
+        connected, its ``close()`` when it ends or the attempt fails (then
+        with ``error`` set).
+        """
+        from octopus.outbound import open_connection
+
+        self._started("open_connection")
+        return open_connection(self._worker, address, connection_class)
+
+    def run_in_thread(self, function: Callable[..., Any], *args: Any,
+                      then: Callable[[Any], object] | None = None,
+                      exceptions: bool = False) -> None:
+        """Call ``function(*args)`` in the worker's thread pool, then ``then(result)`` here.
+
+        ``then`` runs on the loop, unless this connection closed meanwhile.
+        If ``function`` raises, ``then`` receives the exception object when
+        ``exceptions=True``; otherwise it is logged and ends this connection.
+        """
+        from octopus.threads import deliver_result
+
+        self._started("run_in_thread")
+        self._worker.threads.submit(
+            function, args, functools.partial(deliver_result, self, function, then, exceptions))
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address!r} fd={self._fd}>"
 
-    def _start(self, worker: Worker, sock: socket.socket, address: Any) -> None:
+    def _start(self, worker: Worker, sock: socket.socket, address: Any,
+               preamble: Preamble | None = None) -> None:
         self._worker = worker
         self._sock = sock
         self._fd = sock.fileno()
         self._state = OPEN
         self._connected = False
         self._peer_done = False
+        self._reason = "eof"
         self._corked = False
         self._wbuf = bytearray()
         self._idle_timer = None
@@ -175,7 +297,15 @@ class SocketConnection:
             None if framing == "raw" else make_framer(framing, worker.max_message_size)
         )
         self._events = EPOLLIN
-        worker.loop.register(self._fd, EPOLLIN, self._on_events)
+        if preamble is None:
+            self.tls = self.proxied_by = None
+        else:  # after a PROXY header or a TLS handshake
+            self.tls, self.proxied_by = preamble.tls_info(), preamble.proxied_by
+            self._framer = preamble.wrap(self, self._framer)
+            self._wbuf += preamble.unsent()
+            if self._wbuf:
+                self._events = EPOLLIN | EPOLLOUT
+        worker.loop.register(self._fd, self._events, self._on_events)
         if worker.idle_timeout > 0:
             self._last_input = worker.loop.time
             self._idle_timer = worker.loop.call_later(worker.idle_timeout, self._check_idle)
@@ -195,6 +325,7 @@ class SocketConnection:
                 except OSError as exc:
                     self._lost(exc)
                     return
+                self._worker.bytes_in += len(data)
                 if self._idle_timer is not None:
                     self._last_input = self._worker.loop.time
                 framer = self._framer
@@ -206,7 +337,7 @@ class SocketConnection:
                         self.receive(data)
                     except Exception:
                         app_log.error("Error in receive() of %r", self, exc_info=True)
-                        self._abort()
+                        self._abort("hook_error")
                 else:
                     self._peer_eof()
                 state = self._state
@@ -225,7 +356,7 @@ class SocketConnection:
             messages = framer.feed_messages(data)
         except FrameError as exc:
             log.info("closing %r: %s", self, exc)
-            self._abort()
+            self._abort("message_too_large" if isinstance(exc, MessageTooLarge) else "eof")
             return
         if messages:
             self._worker.messages_in += len(messages)
@@ -237,7 +368,7 @@ class SocketConnection:
                     self.receive(message)
             except Exception:
                 app_log.error("Error in receive() of %r", self, exc_info=True)
-                self._abort()
+                self._abort("hook_error")
             finally:
                 self._corked = False
             if batch and self._wbuf and not self._events & EPOLLOUT:
@@ -255,19 +386,49 @@ class SocketConnection:
         if not data:
             self._finish()
 
+    def _on_paused_events(self, mask: int) -> None:
+        """The fd's callback while reading is paused: write, notice errors, never read."""
+        if self._state != OPEN:  # closing began while paused: it needs no reads
+            self._on_events(mask)
+        elif self._wbuf:
+            if mask & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                self._flush()  # a dead peer fails the write
+        elif mask & EPOLLERR:
+            code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self._lost(OSError(code, os.strerror(code)))
+        # HUP alone (edge-triggered: once): the peer is done sending; its EOF
+        # is read, after what it sent before, once reading resumes.
+
+    def _started(self, method: str) -> int:
+        """The state; a clear error for a connection no worker has started."""
+        try:
+            return self._state
+        except AttributeError:
+            raise RuntimeError(f"{method}() needs a connection a worker serves: call it "
+                               "from connect() or later, not before") from None
+
+    def _reregister(self, events: int, callback: Callable[[int], object]) -> None:
+        """Watch ``events`` with ``callback`` (epoll keeps one callback per fd)."""
+        loop = self._worker.loop
+        loop.unregister(self._fd)
+        self._events = events
+        loop.register(self._fd, events, callback)
+
     def _run_hook(self, hook: Callable[[], object]) -> None:
         try:
             hook()
         except Exception:
             app_log.error("Error in %s() of %r", getattr(hook, "__name__", "callback"),
                           self, exc_info=True)
-            self._abort()
+            self._abort("hook_error")
 
     def _peer_eof(self) -> None:
         # The peer will send nothing more; it may still read our reply.
         if self._state == OPEN:
             self._state = CLOSING
             self._peer_done = True
+            self._reason = "eof"
             self._after_output()
 
     def _flush(self) -> None:
@@ -278,12 +439,15 @@ class SocketConnection:
         except OSError as exc:
             self._lost(exc)
             return
+        self._worker.bytes_out += sent
         del self._wbuf[:sent]
         if self._wbuf:
             if self._state == OPEN:
-                self._watch(EPOLLIN | EPOLLOUT)
+                self._watch(self._events | EPOLLOUT)  # EPOLLIN, or paused
         elif self._state == OPEN:
-            self._watch(EPOLLIN)
+            self._watch(self._events & _ALL_BUT_OUT)
+            if self._wants_drained:
+                self._run_hook(self.drained)
         else:
             self._after_output()
 
@@ -298,6 +462,8 @@ class SocketConnection:
 
     def _linger(self) -> None:
         try:
+            if self.tls is not None:  # close_notify, then our FIN
+                self._sock.send(self._framer.close_notify())  # type: ignore[union-attr]
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._finish()
@@ -314,35 +480,40 @@ class SocketConnection:
     def _check_idle(self) -> None:
         if self._state == CLOSED:
             return
+        if self._state == OPEN and not self._events & EPOLLIN:
+            self._last_input = self._worker.loop.time  # paused: waiting is our choice
         idle_for = self._worker.loop.time - self._last_input
         timeout = self._worker.idle_timeout
         if idle_for >= timeout:
             log.info("closing %r: idle for %.1fs", self, idle_for)
-            self._abort()
+            self._abort("idle_timeout")
         else:
             self._idle_timer = self._worker.loop.call_later(timeout - idle_for, self._check_idle)
 
     def _slow_consumer(self) -> None:
         log.warning("disconnecting slow consumer %r: %d bytes pending", self, len(self._wbuf))
         self._worker.slow_consumers += 1
-        self._abort()
+        self._abort("slow_consumer")
 
     def _lost(self, exc: OSError) -> None:
         if exc.errno in _GONE_ERRNOS:
             log.debug("%r: %s", self, exc)
         else:
             log.warning("closing %r: %s", self, exc)
-        self._abort()
+        self._abort("reset")
 
-    def _abort(self) -> None:
-        """End now, discarding pending output."""
+    def _abort(self, reason: str) -> None:
+        """End now, discarding pending output; ``reason`` is counted (CLOSE_REASONS)."""
         self._wbuf.clear()
-        self._finish()
+        self._finish(reason)
 
-    def _finish(self) -> None:
-        if self._state == CLOSED:
+    def _finish(self, reason: str = "") -> None:
+        """Close; counted by ``reason``, or, once closing had begun, by why it began."""
+        state = self._state
+        if state == CLOSED:
             return
         self._state = CLOSED
+        self._worker.closes[reason if state == OPEN else self._reason] += 1
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         self._worker.loop.unregister(self._fd)

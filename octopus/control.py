@@ -1,7 +1,10 @@
 """The master's control socket: ``octopusd status`` asks it for a JSON snapshot.
 
 A Unix stream socket beside the pidfile (``<pidfile>.ctl``, mode 0600): a
-client connects, sends ``status``, and reads one JSON object until EOF.
+client connects, sends ``status`` and a newline, and reads one JSON object
+until EOF. The master's selector drives it (``octopus.httpserve``), so a
+client that connects and sends nothing costs the master nothing but a
+descriptor until its deadline.
 """
 
 from __future__ import annotations
@@ -9,9 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import socket
 from collections.abc import Callable
 from typing import Any
+
+from octopus.httpserve import RequestServer
+
+MAX_REQUEST = 256
 
 
 def control_path(pidfile: str) -> str:
@@ -19,8 +27,10 @@ def control_path(pidfile: str) -> str:
 
 
 class ControlServer:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, selector: selectors.BaseSelector,
+                 snapshot: Callable[[], dict[str, Any]]) -> None:
         self.path = path
+        self.snapshot = snapshot
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # the pidfile check already proved no master owns it
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -30,27 +40,16 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         self.sock.listen(16)
-        self.sock.setblocking(False)
+        self.server = RequestServer(self.sock, selector, self._answer, ends=(b"\n",),
+                                    max_head=MAX_REQUEST)
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def handle(self, snapshot: Callable[[], dict[str, Any]]) -> None:
-        """Answer one waiting client; a client that stalls is dropped after a second."""
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return
-        with conn:
-            conn.settimeout(1.0)
-            try:
-                if conn.recv(64).strip() == b"status":
-                    conn.sendall(json.dumps(snapshot()).encode())
-            except OSError:
-                pass
+    def _answer(self, request: bytes) -> bytes:
+        if request.strip() == b"status":
+            return json.dumps(self.snapshot()).encode()
+        return b""  # an unknown request: close without an answer
 
     def close(self) -> None:
-        self.sock.close()
+        self.server.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 

@@ -103,6 +103,17 @@ class Loop:
     def modify(self, fd: int, events: int) -> None:
         self._epoll.modify(fd, events)
 
+    def rearm(self, fd: int, events: int) -> None:
+        """Delete and add ``fd`` again, keeping its callback.
+
+        An EPOLLEXCLUSIVE registration is appended to the tail of the file's
+        wait queue, and wakeups go to the first waiter: re-adding moves this
+        loop behind the others. The add polls the file at once, so readiness
+        that is already there is reported here again (level-triggered).
+        """
+        self._epoll.unregister(fd)
+        self._epoll.register(fd, events)
+
     def unregister(self, fd: int) -> None:
         if self._callbacks.pop(fd, None) is not None:
             try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import secrets
 import selectors
 import signal
@@ -30,10 +31,12 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from octopus import config, logs, pidfile, privileges, systemd
+from octopus import config, logs, pidfile, privileges, systemd, tls
 from octopus.control import ControlServer, control_path
 from octopus.errors import AppImportError, OctopusError
+from octopus.httpserve import RequestServer, http_server
 from octopus.listeners import Listener, bind
+from octopus.metrics import MasterMetrics
 from octopus.process import (
     APP_LOAD_ERROR,
     WORKER_BOOT_ERROR,
@@ -92,6 +95,9 @@ class Master:
         # Distinct even for masters with equal pids in separate pid namespaces.
         self.namespace = f"{os.getpid()}-{secrets.token_hex(8)}"
         self.control: ControlServer | None = None
+        self.metrics = MasterMetrics()
+        self.metrics_listener: Listener | None = None
+        self._servers: list[RequestServer] = []  # control and metrics, on self._selector
 
     def run(self) -> None:
         """Serve until stopped; OctopusError when the first workers cannot boot."""
@@ -99,15 +105,18 @@ class Master:
         created_pidfile = False
         try:
             privileges.check(self.settings.user, self.settings.group)
+            tls.check(self.settings)
             if self.settings.pidfile:
                 # Before binding: a second start on a live pidfile is "already
                 # running", not "address already in use".
                 pidfile.create(self.settings.pidfile)
                 created_pidfile = True
+            self._serve_metrics()
             self._bind_initial()
             if self.settings.pidfile:
-                self.control = ControlServer(control_path(self.settings.pidfile))
-                self._selector.register(self.control, selectors.EVENT_READ, "control")
+                self.control = ControlServer(control_path(self.settings.pidfile),
+                                             self._selector, self.snapshot)
+                self._servers.append(self.control.server)
             self._install_signals()
             set_title(f"octopusd: master [{self.settings.app or 'octopus'}]")
             log.info("master %d started; %d worker(s)", self.pid, self.num_workers)
@@ -133,17 +142,27 @@ class Master:
         for listener in self.listeners.values():
             log.info("listening on %s", listener.name)
 
+    def _serve_metrics(self) -> None:
+        if self.settings.metrics_bind is None:
+            return
+        self.metrics_listener = bind(self.settings.metrics_bind, 128, self.settings.socket_mode)
+        self._servers.append(http_server(self.metrics_listener.sock, self._selector,
+                                         self.metrics.routes(self)))
+        log.info("metrics on %s", self.metrics_listener.name)
+
     def _bind(self, settings: config.Settings,
               keep: dict[str, Listener] | None = None) -> dict[str, Listener]:
-        """Listeners for ``settings.bind``, reusing those in ``keep`` by address text."""
+        """Listeners for ``settings.bind`` by address text (flags left out: a reload
+        that only changes a listener's flags keeps its socket), reusing ``keep``'s."""
         keep = keep or {}
         bound: dict[str, Listener] = {}
         try:
-            for text in settings.bind:
+            for address in settings.addresses():
+                text = str(address)
                 if text in keep:
                     bound[text] = keep[text]
                 else:
-                    bound[text] = bind(text, settings.backlog, settings.socket_mode)
+                    bound[text] = bind(address, settings.backlog, settings.socket_mode)
         except OctopusError:
             for text, listener in bound.items():
                 if text not in keep:
@@ -158,6 +177,10 @@ class Master:
             self.reap_workers(block=True)
         for listener in self.listeners.values():
             listener.close()
+        for server in self._servers:
+            server.close()  # the control socket's file goes below
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
         if self.control is not None:
             self.control.close()
         if created_pidfile and self.settings.pidfile:
@@ -232,17 +255,20 @@ class Master:
             kill(worker.pid, signal.SIGUSR1)
 
     def _wait(self) -> None:
-        for key, _ in self._selector.select(self._next_timeout()):
+        self.metrics.new_iteration()
+        for key, mask in self._selector.select(self._next_timeout()):
             if key.data == "wakeup":
                 try:
                     self._wake_r.recv(4096)
                 except BlockingIOError:
                     pass
-            elif key.data == "control":
-                assert self.control is not None
-                self.control.handle(self.snapshot)
-            else:
+            elif isinstance(key.data, WorkerProcess):
                 self._read_report(key.data)
+            else:  # a RequestServer's listener or client
+                key.data(mask)
+        now = time.monotonic()
+        for server in self._servers:
+            server.expire(now)
 
     def _next_timeout(self) -> float:
         if self._signals:
@@ -251,6 +277,10 @@ class Master:
         deadlines = [w.kill_at for w in self.workers.values() if w.kill_at is not None]
         if self.next_spawn_at > now:
             deadlines.append(self.next_spawn_at)
+        for server in self._servers:
+            deadline = server.next_deadline()
+            if deadline is not None:
+                deadlines.append(deadline)
         # Heartbeats are checked at least a few times per timeout.
         soonest = min(deadlines, default=now + 1.0)
         return max(0.0, min(soonest - now, 1.0, self.settings.timeout / 4))
@@ -293,9 +323,12 @@ class Master:
             return self._spawn_failed(f"cannot start a worker: fork(): {exc.strerror}")
         if pid == 0:
             os.close(read_fd)
+            flags = settings.listener_flags()
             self._become_worker(WorkerContext(
                 settings, [listener.sock for listener in listeners.values()],
-                self.scoreboard, slot, index, generation, write_fd, self.namespace))
+                self.scoreboard, slot, index, generation, write_fd, self.namespace,
+                [flags.get(str(listener.address), frozenset())
+                 for listener in listeners.values()]))
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         self.scoreboard.set_pid(slot, pid)
@@ -322,8 +355,8 @@ class Master:
                 if isinstance(key.data, WorkerProcess):
                     os.close(key.fd)
             self._selector.close()
-            if self.control is not None:
-                self.control.sock.close()
+            for server in self._servers:
+                server.abandon()
             set_title(f"octopusd: worker {ctx.index} [{ctx.settings.app or 'octopus'}]")
             self.target(ctx)
         except OctopusError as exc:
@@ -360,24 +393,26 @@ class Master:
     def reap_workers(self, block: bool = False) -> None:
         while self.workers:
             try:
-                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+                pid, status, usage = os.wait4(-1, 0 if block else os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
             worker = self.workers.pop(pid, None)
             if worker is not None:
-                self._worker_exited(worker, status)
+                self._worker_exited(worker, status, usage)
             if block:
                 return
 
-    def _worker_exited(self, worker: WorkerProcess, status: int) -> None:
+    def _worker_exited(self, worker: WorkerProcess, status: int,
+                       usage: resource.struct_rusage | None = None) -> None:
         try:
             self._read_report(worker)  # a last "error ..." line may be waiting
             self._selector.unregister(worker.pipe)
         except (KeyError, ValueError):
             pass
         os.close(worker.pipe)
+        self._account_exit(worker, usage)
         self.scoreboard.release(worker.slot)
         cause = describe_status(status)
         name = f"worker {worker.index} (pid {worker.pid}, generation {worker.generation})"
@@ -390,6 +425,12 @@ class Master:
         else:
             self.restarts[worker.index] = self.restarts.get(worker.index, 0) + 1
             log.warning("%s died: %s; replacing it", name, cause)
+
+    def _account_exit(self, worker: WorkerProcess, usage: resource.struct_rusage | None) -> None:
+        """Keep the worker's last counts, and count its restart if it is replaced."""
+        if not (worker.retiring or self.stopping or worker.generation == self.pending):
+            self.metrics.restarted(worker)
+        self.metrics.fold(self, worker, usage)
 
     def _boot_failed(self, name: str, reason: str) -> None:
         if not self.booted:
@@ -430,6 +471,8 @@ class Master:
                 silent = now - worker.started
             if silent > timeout:
                 what = "no heartbeat" if worker.ready else "not ready"
+                if worker.ready:
+                    self.metrics.killed_for_heartbeat(worker.pid)
                 log.error("worker %d (pid %d) timed out (%s for %.1fs); killing it",
                           worker.index, worker.pid, what, silent)
                 kill(worker.pid, signal.SIGABRT)
@@ -464,6 +507,7 @@ class Master:
             settings = self.settings
             if settings.config_file is not None:
                 settings = config.load(settings.config_file, self.overrides)
+            tls.check(settings)  # renewed certificates: the new workers load them again
             self._pending_listeners = (
                 self.listeners if systemd_owned(self.listeners)
                 else self._bind(settings, keep=self.listeners)
@@ -505,12 +549,14 @@ class Master:
         self.num_workers = self.settings.workers
         self.restarts.clear()
         self.reload_status = {"status": "ok", "error": None, "time": time.time()}
+        self.metrics.reloaded(ok=True)
         log.info("reload complete: generation %d serving", self.generation)
         systemd.notify(f"READY=1\nSTATUS=reloaded; generation {self.generation} serving")
 
     def _reload_failed(self, reason: str) -> None:
         log.error("reload failed: %s; the running workers keep serving", reason)
         self.reload_status = {"status": "failed", "error": reason, "time": time.time()}
+        self.metrics.reloaded(ok=False)
         if self.pending is not None:
             for worker in self._generation(self.pending):
                 if not worker.retiring:
@@ -547,6 +593,7 @@ class Master:
                 "messages_out": slot.messages_out, "accepted": slot.accepted,
                 "restarts": self.restarts.get(worker.index, 0)
                 if worker.generation == self.generation else 0,
+                **self.metrics.describe(self, worker),
             })
         return {
             "master": {"pid": self.pid, "age": round(now - self.started, 3),
@@ -554,6 +601,7 @@ class Master:
                        "listening": [listener.name for listener in self.listeners.values()]},
             "workers": workers,
             "reload": dict(self.reload_status),
+            "totals": self.metrics.totals(self),
         }
 
 

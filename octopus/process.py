@@ -34,6 +34,7 @@ class WorkerContext:
     generation: int
     report_fd: int
     namespace: str  # unique per master: names this server's broadcast links and origin
+    listener_flags: list[frozenset[str]] = field(default_factory=list)  # "tls", "proxy"
 
     def report(self, line: str) -> None:
         """Tell the master ``ready`` or ``error <reason>`` (one line)."""

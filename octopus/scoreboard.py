@@ -11,17 +11,21 @@ Uses:
 - heartbeat: the worker's event loop stamps ``CLOCK_MONOTONIC`` (system-wide
   on Linux, so comparable across processes); the master kills a worker whose
   stamp is older than ``timeout``;
-- fair share: before taking another connection a worker compares its count
-  with the average of the workers that accept (see ``may_accept``);
-- status: connections and message counters for ``octopusd status``.
+- fair share: a worker that holds more than its share of connections (see
+  ``fair_limit``) lets the other workers take the next ones;
+- status and metrics: connections, and the counters a worker publishes at
+  heartbeat time (``publish``) for ``octopusd status`` and ``/metrics``.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+import sys
 import time
 from dataclasses import dataclass
+
+from octopus.counters import COUNTERS
 
 FREE, BOOTING, READY, RETIRING = range(4)
 STATE_NAMES = ("free", "booting", "ready", "retiring")
@@ -33,6 +37,16 @@ _HEADER = struct.Struct("=i")  # slots in use: the highest claimed index + 1
 _STATE_AT = 8
 _HEARTBEAT_AT = 24
 _CONNECTIONS_AT = 32
+# Appended after the fields above, written by the worker at heartbeat time:
+# a sequence number (odd while the worker is writing, so the master can tell
+# a torn read and retry), 1 while the worker accepts, then the counters of
+# ``octopus.counters.COUNTERS`` in that order.
+_SEQUENCE = struct.Struct("=Q")
+_COUNTERS = struct.Struct(f"=q{len(COUNTERS)}q")
+_SEQUENCE_AT = _SLOT.size
+_COUNTERS_AT = _SEQUENCE_AT + _SEQUENCE.size
+_SLOT_SIZE = _COUNTERS_AT + _COUNTERS.size
+_READ_TRIES = 100
 CAPACITY = 256
 # A worker may exceed the average by this many connections before it yields
 # new ones to the others: small enough to spread, large enough that workers
@@ -56,15 +70,15 @@ class SlotView:
 
 class Scoreboard:
     """The master claims, reads and releases slots; a worker writes its own
-    (``set_state``, ``beat``) and reads the others (``may_accept``, ``peers``)."""
+    (``set_state``, ``beat``) and reads the others (``fair_limit``, ``peers``)."""
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        self._mem = mmap.mmap(-1, _HEADER.size + capacity * _SLOT.size,
+        self._mem = mmap.mmap(-1, _HEADER.size + capacity * _SLOT_SIZE,
                               flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
 
     def _offset(self, index: int) -> int:
-        return _HEADER.size + index * _SLOT.size
+        return _HEADER.size + index * _SLOT_SIZE
 
     def claim(self, pid: int, generation: int) -> int:
         """Take a free slot for a worker about to be forked; its index, or -1 when full."""
@@ -72,6 +86,7 @@ class Scoreboard:
             if self._mem[self._offset(index) + _STATE_AT] == FREE:
                 _SLOT.pack_into(self._mem, self._offset(index), pid, generation, BOOTING,
                                 time.time(), time.monotonic(), 0, 0, 0, 0)
+                self._clear_counters(index)
                 in_use = _HEADER.unpack_from(self._mem, 0)[0]
                 if index >= in_use:
                     _HEADER.pack_into(self._mem, 0, index + 1)
@@ -83,6 +98,12 @@ class Scoreboard:
 
     def release(self, index: int) -> None:
         _SLOT.pack_into(self._mem, self._offset(index), 0, 0, FREE, 0, 0, 0, 0, 0, 0)
+        self._clear_counters(index)
+
+    def _clear_counters(self, index: int) -> None:
+        at = self._offset(index) + _SEQUENCE_AT
+        self._mem[at:at + _SEQUENCE.size + _COUNTERS.size] = bytes(
+            _SEQUENCE.size + _COUNTERS.size)
 
     def read(self, index: int) -> SlotView:
         return SlotView(index, *_SLOT.unpack_from(self._mem, self._offset(index)))
@@ -95,25 +116,56 @@ class Scoreboard:
         struct.pack_into("=dqqqq", self._mem, self._offset(index) + _HEARTBEAT_AT,
                          now, connections, messages_in, messages_out, accepted)
 
-    def may_accept(self, index: int, connections: int) -> bool:
-        """Record ``connections`` and say whether this worker should take one more.
+    def publish(self, index: int, accepting: bool, counters: tuple[int, ...]) -> None:
+        """Store the worker's counters (in the order of ``COUNTERS``) in its slot."""
+        mem, at = self._mem, self._offset(index) + _SEQUENCE_AT
+        sequence = _SEQUENCE.unpack_from(mem, at)[0] + 1
+        _SEQUENCE.pack_into(mem, at, sequence)
+        _COUNTERS.pack_into(mem, at + _SEQUENCE.size, accepting, *counters)
+        _SEQUENCE.pack_into(mem, at, sequence + 1)
 
-        EPOLLEXCLUSIVE wakes the waiters of a listening socket in an order that
-        favours a few of them, so one worker would end up with most long-lived
-        connections. A worker above the average of the ready workers (plus
-        ``FAIR_SLACK``) leaves new connections to the others; the one with the
-        fewest is never above the average, so someone always accepts.
+    def read_counters(self, index: int) -> tuple[bool, tuple[int, ...]] | None:
+        """(accepting, counters) as last published; None if no consistent read came
+        (a worker killed while writing leaves its sequence number odd)."""
+        mem, at = self._mem, self._offset(index) + _SEQUENCE_AT
+        for _ in range(_READ_TRIES):
+            before = _SEQUENCE.unpack_from(mem, at)[0]
+            if before & 1:
+                continue
+            accepting, *counters = _COUNTERS.unpack_from(mem, at + _SEQUENCE.size)
+            if _SEQUENCE.unpack_from(mem, at)[0] == before:
+                return bool(accepting), tuple(counters)
+        return None
+
+    def set_connections(self, index: int, connections: int) -> None:
+        struct.pack_into("=q", self._mem, self._offset(index) + _CONNECTIONS_AT, connections)
+
+    def fair_limit(self, index: int, connections: int) -> tuple[int, int]:
+        """Record ``connections``; return how many this worker may hold before it
+        yields new connections to the others, and the least-loaded ready peer's
+        slot (-1 when there is none).
+
+        A worker may hold the average of the ready workers (itself counted as
+        ready) plus ``FAIR_SLACK``; the one with the fewest connections is never
+        above the average, so someone is always below its limit.
         """
         mem = self._mem
         struct.pack_into("=q", mem, self._offset(index) + _CONNECTIONS_AT, connections)
-        total = ready = 0
+        others = peers = 0
+        least, least_count = -1, sys.maxsize
         unpack = struct.unpack_from
         for other in range(_HEADER.unpack_from(mem, 0)[0]):
             offset = self._offset(other)
-            if mem[offset + _STATE_AT] == READY:
-                ready += 1
-                total += unpack("=q", mem, offset + _CONNECTIONS_AT)[0]
-        return ready <= 1 or connections * ready <= total + FAIR_SLACK * ready
+            if other != index and mem[offset + _STATE_AT] == READY:
+                count = unpack("=q", mem, offset + _CONNECTIONS_AT)[0]
+                peers += 1
+                others += count
+                if count < least_count:
+                    least, least_count = other, count
+        if not peers:
+            return sys.maxsize, -1
+        # c * (peers + 1) <= others + c + FAIR_SLACK * (peers + 1), solved for c.
+        return (others + FAIR_SLACK * (peers + 1)) // peers, least
 
     def peers(self, index: int) -> list[tuple[int, int]]:
         """(slot, pid) of every other live worker (one still booting may already

@@ -53,7 +53,8 @@ class Octopus:
         if self.settings.workers > 1:
             self._run_master()
             return
-        listeners = bind_all(self.settings.bind, self.settings.backlog, self.settings.socket_mode)
+        listeners = bind_all(self.settings.addresses(), self.settings.backlog,
+                             self.settings.socket_mode)
         try:
             self._serve(listeners)
         finally:
@@ -71,7 +72,8 @@ class Octopus:
         for name in self.addresses:
             log.info("listening on %s", name)
         worker = Worker([listener.sock for listener in listeners],
-                        self.connection_class, self.settings)
+                        self.connection_class, self.settings,
+                        listener_flags=[flags for _, flags in self.settings.bind_entries()])
         broadcast.attach(worker, self.settings)
         if threading.current_thread() is threading.main_thread():
             # A first signal drains; a second one closes everything at once.

@@ -13,8 +13,13 @@ Accepting:
   worker) instead of the loop spinning on a level-triggered listener it
   cannot serve. It registers them again when a connection closes, and after
   ``RESOURCE_RETRY`` seconds in case descriptors were freed elsewhere.
-- ``accept_gate``, when given, is asked after every accept whether this worker
-  may take more; the master uses it to spread connections across workers.
+- Fair share (``balancer``, given by the master; see ``octopus.balance``): a
+  worker holding more than its share unregisters its listeners and nudges the
+  least-loaded peer, which accepts at once what waits in the backlog
+  (EPOLLEXCLUSIVE may have woken no one else for it). A nudged worker below
+  its share accepts even while it is itself yielding. If no peer takes the
+  backlog, the yielding worker comes back after ``YIELD_SECONDS`` and drains
+  it whatever the share.
 """
 
 from __future__ import annotations
@@ -23,20 +28,30 @@ import errno
 import functools
 import logging
 import socket
+import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from octopus.config import Settings
 from octopus.connection import SocketConnection
+from octopus.counters import CLOSE_REASONS
 from octopus.errors import ConfigError
 from octopus.framing import FRAMINGS
 from octopus.loop import EPOLLEXCLUSIVE, EPOLLIN, Loop, Timer
+from octopus.preamble import ListenerPolicy, Preamble, listener_policy
+from octopus.threads import ThreadPool
+
+if TYPE_CHECKING:
+    from octopus.balance import Balancer
 
 log = logging.getLogger("octopus.worker")
 app_log = logging.getLogger("octopus.app")
 
 ACCEPT_BURST = 64
 RESOURCE_RETRY = 0.5  # seconds before trying accept() again after EMFILE and kin
-GATE_RETRY = 0.01  # seconds before asking a closed accept_gate again
+# Seconds a worker above its fair share leaves the listeners to its peers
+# before it looks at the backlog again itself (only if no nudge woke it).
+YIELD_SECONDS = 0.005
 
 # accept() errors that concern only the connection being accepted: skip it.
 _SKIP_ACCEPT_ERRNOS = frozenset({
@@ -59,7 +74,7 @@ class Worker:
         settings: Settings,
         *,
         exclusive: bool = False,
-        accept_gate: Callable[[int], bool] | None = None,
+        listener_flags: Sequence[frozenset[str]] = (),
         loop: Loop | None = None,
     ) -> None:
         # Checked now: an unknown framing would otherwise fail every accept.
@@ -67,8 +82,16 @@ class Worker:
         if framing not in FRAMINGS:
             raise ConfigError(f"{connection_class.__qualname__}.framing: expected one of "
                               f"{', '.join(FRAMINGS)}, got {framing!r}")
-        self.loop = loop or Loop()
         self.listeners = list(listeners)
+        # How each listener opens what it accepts: plain listeners straight
+        # into a SocketConnection, flagged ones through a Preamble (which loads
+        # the TLS certificate now: ConfigError before anything is created).
+        self._openers: dict[socket.socket, Callable[[socket.socket, Any], object]] = {}
+        for listener, flags in zip(self.listeners, listener_flags, strict=False):
+            if flags:
+                self._openers[listener] = functools.partial(
+                    self._open_preamble, listener_policy(flags, settings))
+        self.loop = loop or Loop()
         self.connection_class = connection_class
         self.framing = settings.framing
         self.max_message_size = settings.max_message_size
@@ -77,18 +100,40 @@ class Worker:
         self.max_connections = settings.max_connections
         self.graceful_timeout = settings.graceful_timeout
         self._listen_events = EPOLLIN | (EPOLLEXCLUSIVE if exclusive else 0)
-        self.accept_gate = accept_gate
+        # The connections this worker may hold: asked of the balancer only once
+        # the count passes the last answer, and at every heartbeat.
+        self.balancer: Balancer | None = None
+        self.fair_limit = sys.maxsize
         self.connections: dict[int, SocketConnection] = {}
+        # fds of the outbound connections among them (open_connection): these
+        # close on stop like the rest, but broadcasts are for the clients.
+        self.outbound: set[int] = set()
+        self.threads = ThreadPool(self.loop, settings.threads)  # no thread until used
+        self.finished = False  # run() has ended its loop
         # broadcast(): this worker's connections unless a backend replaces it.
         self.broadcaster: Callable[[bytes], None] = self.deliver
         self.messages_in = 0
         self.messages_out = 0
         self.accepted = 0
+        # Read by octopus.counters.collect at heartbeat time; plain integers,
+        # so counting costs an addition and touches no shared memory.
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.broadcasts_sent = 0
+        self.broadcasts_delivered = 0
+        self.broadcasts_dropped = 0
+        self.redis_gap = 0
+        self.closes = dict.fromkeys(CLOSE_REASONS, 0)  # why connections ended
+        self.accept_pauses = dict.fromkeys(("max_connections", "fd_limit", "fair_share"), 0)
         self.slow_consumers = 0
         self.accepting = False
         self._resume_timer: Timer | None = None
         self._short_of_resources = False
+        self._yielded = False  # paused by _yield_to_peer, not for want of resources
+        self._draining = False  # the next accept burst ignores the share
         self._stopping = False
+        # Connections still in their PROXY header or TLS handshake, by fd.
+        self.preambles: dict[int, Preamble] = {}
 
     def run(self) -> None:
         """Serve until ``stop()``; every connection is closed on return."""
@@ -96,14 +141,19 @@ class Worker:
         try:
             self.loop.run()
         finally:
+            self.finished = True
             self.pause_accepting()
+            for preamble in list(self.preambles.values()):
+                preamble.abort()
             for conn in list(self.connections.values()):
-                conn._abort()
+                conn._abort("shutdown")
+            self.threads.shutdown()
 
     def start_accepting(self) -> None:
         if self.accepting or self._stopping:
             return
         self.accepting = True
+        self._yielded = False
         for listener in self.listeners:
             self.loop.register(listener.fileno(), self._listen_events,
                                functools.partial(self._accept, listener))
@@ -118,21 +168,51 @@ class Worker:
 
     def _retry_accepting(self) -> None:
         self._resume_timer = None
+        # Back from a fair-share yield that no nudge ended: if the peers left
+        # the backlog, take one burst of it whatever the share (a prompt
+        # accept beats fairness).
+        self._draining = self._yielded
         self._maybe_resume()
 
     def _maybe_resume(self) -> None:
-        if self.accepting or self._stopping or len(self.connections) >= self.max_connections:
-            return
-        if self.accept_gate is not None and not self.accept_gate(len(self.connections)):
-            self.pause_accepting(retry_after=GATE_RETRY)
-            return
-        self.start_accepting()
+        if not (self.accepting or self._stopping
+                or len(self.connections) >= self.max_connections):
+            self.start_accepting()
+
+    def update_fair_share(self) -> None:
+        if self.balancer is not None:
+            self.fair_limit = self.balancer.limit(len(self.connections))
+
+    def accept_pending(self) -> None:
+        """A peer above its share says connections may wait: take them now."""
+        if not self.accepting:
+            if not self._yielded:  # paused for max_connections, descriptors or a stop
+                return
+            self.update_fair_share()
+            if len(self.connections) > self.fair_limit:
+                return
+            self.start_accepting()
+        for listener in self.listeners:
+            self._accept(listener, 0)
+
+    def _yield_to_peer(self) -> None:
+        """Above the fair share: stop watching the listeners and wake the least
+        loaded peer; it takes what waits. Should it not (it died), the timer
+        brings this worker back to drain the backlog itself."""
+        self.accept_pauses["fair_share"] += 1
+        self.pause_accepting(retry_after=YIELD_SECONDS)
+        self._yielded = True
+        assert self.balancer is not None
+        self.balancer.nudge_peer()
 
     def _accept(self, listener: socket.socket, mask: int) -> int:
         """Accept up to ACCEPT_BURST connections; return how many were taken."""
         connections = self.connections
+        open_connection = self._openers.get(listener, self._open)
+        draining, self._draining = self._draining, False
         for taken in range(ACCEPT_BURST):
             if len(connections) >= self.max_connections:
+                self.accept_pauses["max_connections"] += 1
                 self.pause_accepting()
                 return taken
             try:
@@ -148,17 +228,23 @@ class Worker:
                             "accept() failed: %s; pausing for %.1fs",
                             exc.strerror, RESOURCE_RETRY)
                     self._short_of_resources = True
+                    self.accept_pauses["fd_limit"] += 1
                     self.pause_accepting(retry_after=RESOURCE_RETRY)
                     return taken
                 raise
             self._short_of_resources = False
-            self._open(sock, address)
-            if self.accept_gate is not None and not self.accept_gate(len(connections)):
-                self.pause_accepting(retry_after=GATE_RETRY)
-                return taken + 1
+            open_connection(sock, address)
+            if self.balancer is not None:
+                self.balancer.publish(len(connections))
+            if len(connections) > self.fair_limit and not draining:
+                self.update_fair_share()
+                if len(connections) > self.fair_limit:
+                    self._yield_to_peer()
+                    return taken + 1
         return ACCEPT_BURST
 
-    def _open(self, sock: socket.socket, address: object) -> None:
+    def _open(self, sock: socket.socket, address: object,
+              preamble: Preamble | None = None) -> SocketConnection | None:
         sock.setblocking(False)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -168,13 +254,23 @@ class Worker:
             app_log.error("Error in %s() constructor", self.connection_class.__qualname__,
                           exc_info=True)
             sock.close()
-            return
+            return None
         self.connections[sock.fileno()] = conn
         self.accepted += 1
-        conn._start(self, sock, address)
+        conn._start(self, sock, address, preamble)
+        return conn
+
+    def _open_preamble(self, policy: ListenerPolicy, sock: socket.socket,
+                       address: object) -> None:
+        sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        Preamble(self, policy, sock, address).begin()
 
     def connection_closed(self, conn: SocketConnection) -> None:
         self.connections.pop(conn._fd, None)
+        if self.outbound:
+            self.outbound.discard(conn._fd)
         if self._stopping:
             if not self.connections:
                 self.loop.stop()
@@ -183,7 +279,11 @@ class Worker:
 
     def deliver(self, message: bytes) -> None:
         """Send ``message`` to every connection of this worker."""
-        for conn in list(self.connections.values()):
+        connections = list(self.connections.values())
+        if self.outbound:
+            connections = [conn for conn in connections if conn._fd not in self.outbound]
+        self.broadcasts_delivered += len(connections)
+        for conn in connections:
             conn.send(message)
 
     def stop(self, graceful: bool = True) -> None:
@@ -194,11 +294,13 @@ class Worker:
         """
         self.pause_accepting()
         self._stopping = True
+        for preamble in list(self.preambles.values()):
+            preamble.abort()
         if not graceful:
             self.loop.stop()
             return
         for conn in list(self.connections.values()):
-            conn.disconnect()
+            conn._close_after_output("shutdown")
         self._stop_when_drained()
 
     def request_stop(self, graceful: bool = True) -> None:
@@ -214,7 +316,7 @@ class Worker:
         others), accept what is already waiting and serve it too.
         """
         self.pause_accepting()
-        self.accept_gate = None
+        self.fair_limit = sys.maxsize
         for listener in self.listeners:
             while self._accept(listener, 0) == ACCEPT_BURST:
                 pass

@@ -12,6 +12,7 @@ from types import ModuleType
 import pytest
 
 from octopus import SocketConnection
+from octopus.testing import ServerFactory
 from tests.conftest import REPO, ServerProcess, ThreadedServer
 from tests.helpers import LineClient, connect, recv_exactly, recv_until_closed, wait_until
 
@@ -175,6 +176,28 @@ def test_chat_example_imports_without_side_effects() -> None:
     module = load_example("chat")
     assert issubclass(module.ChatConnection, SocketConnection)
     assert module.ChatConnection.framing == "line"
+
+
+def test_chat_example_with_the_octopus_server_fixture(
+        octopus_server: ServerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a user's test imports the app: by its module name, from its directory.
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    chat = importlib.import_module("chat")
+    server = octopus_server(chat.ChatConnection, workers=2, unix=True)
+    with server.client() as alice, server.client() as bob:
+        assert alice.recv_line().startswith(b"welcome")
+        assert bob.recv_line().startswith(b"welcome")
+        alice.send_line("two words")
+        assert alice.recv_line() == b"nicknames are 1-32 characters without spaces"
+        alice.send_line("alice")
+        assert alice.recv_line() == bob.recv_line() == b"* alice joined"
+        bob.send_line("bob")
+        assert alice.recv_line() == bob.recv_line() == b"* bob joined"
+        bob.send_line("hi")
+        assert alice.recv_line() == bob.recv_line() == b"bob: hi"
+        bob.close()
+        assert alice.recv_line() == b"* bob left"
+    assert server.stop() == 0, server.log
 
 
 def test_local_service_example_answers_with_the_callers_credentials(

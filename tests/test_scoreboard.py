@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from octopus.scoreboard import BOOTING, FAIR_SLACK, FREE, READY, RETIRING, Scoreboard
 
@@ -12,7 +13,7 @@ def ready_board(counts: list[int]) -> tuple[Scoreboard, list[int]]:
     slots = [board.claim(1000 + i, 1) for i in range(len(counts))]
     for slot, count in zip(slots, counts, strict=True):
         board.set_state(slot, READY)
-        board.may_accept(slot, count)  # records the count
+        board.fair_limit(slot, count)  # records the count
     return board, slots
 
 
@@ -31,28 +32,46 @@ def test_claim_beat_and_release_round_trip() -> None:
     assert board.claim(1, 1) == slot  # a released slot is taken again
 
 
+def within_share(board: Scoreboard, slot: int, connections: int) -> bool:
+    return connections <= board.fair_limit(slot, connections)[0]
+
+
 def test_a_worker_above_the_average_yields_new_connections() -> None:
     board, slots = ready_board([10, 10, 10, 10])
-    assert board.may_accept(slots[0], 10)
-    assert board.may_accept(slots[0], 10 + FAIR_SLACK)
-    assert not board.may_accept(slots[0], 10 + FAIR_SLACK + 2)
+    assert within_share(board, slots[0], 10)
+    assert within_share(board, slots[0], 10 + FAIR_SLACK)
+    assert not within_share(board, slots[0], 10 + FAIR_SLACK + 2)
+
+
+def test_the_limit_is_the_average_plus_the_slack() -> None:
+    board, slots = ready_board([10, 20, 30, 0])
+    # Others hold 60; with c of its own the average is (60 + c) / 4.
+    limit, least = board.fair_limit(slots[3], 0)
+    assert least == slots[0]
+    for c in (limit, limit + 1):
+        assert (c * 4 <= 60 + c + FAIR_SLACK * 4) == (c == limit)
 
 
 def test_the_worker_with_fewest_connections_always_accepts() -> None:
     board, slots = ready_board([50, 3, 40, 90])
-    assert board.may_accept(slots[1], 3)
-    assert not board.may_accept(slots[3], 90)
+    assert within_share(board, slots[1], 3)
+    assert not within_share(board, slots[3], 90)
+
+
+def test_a_lone_worker_has_no_limit() -> None:
+    board, slots = ready_board([7])
+    assert board.fair_limit(slots[0], 7) == (sys.maxsize, -1)
 
 
 def test_retiring_and_booting_workers_do_not_count_for_the_share() -> None:
     board, slots = ready_board([10, 0])
     old = board.claim(2000, 0)
-    board.may_accept(old, 500)
+    board.fair_limit(old, 500)
     board.set_state(old, RETIRING)
     booting = board.claim(3000, 2)
-    board.may_accept(booting, 0)
+    board.fair_limit(booting, 0)
     # Counted, the old worker's 500 would lift the average far above 10.
-    assert not board.may_accept(slots[0], 10)
+    assert not within_share(board, slots[0], 10)
 
 
 def test_peers_are_the_other_live_workers() -> None:

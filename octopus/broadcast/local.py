@@ -51,6 +51,7 @@ class _Link:
         self.mesh, self.key, self.sock = mesh, key, sock
         self.fd = sock.fileno()
         self.wbuf = bytearray()
+        self.queued = 0  # messages appended since wbuf was last empty
         self.watching = False
 
     def flush(self, mask: int = 0) -> None:
@@ -66,6 +67,8 @@ class _Link:
             return
         del self.wbuf[:sent]
         want = bool(self.wbuf)
+        if not want:
+            self.queued = 0
         if want != self.watching:
             self.watching = want
             self.mesh.loop.modify(self.fd, EPOLLOUT if want else 0)
@@ -128,9 +131,12 @@ class LocalMesh:
             if not link.wbuf:
                 self._pending.append(link)
             link.wbuf += frame
+            link.queued += 1
             if len(link.wbuf) > LINK_LIMIT:
                 log.warning("broadcast: worker pid %d is not reading; dropping its link",
                             key[1])
+                # At most a socket buffer's worth of these may have reached it.
+                self.worker.broadcasts_dropped += link.queued
                 link.close()
 
     def _flush(self) -> None:

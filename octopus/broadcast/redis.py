@@ -62,6 +62,7 @@ class RedisBroadcast:
         self.local(message)
         if self.pub_sock is None:
             self.dropped += 1
+            self.worker.redis_gap += 1
             return
         command = b"".join(self.pub_conn.pack_command("PUBLISH", self.channel,
                                                       self.origin + message))
@@ -70,6 +71,7 @@ class RedisBroadcast:
                 log.warning("broadcast: Redis at %s is not keeping up; broadcasts to other "
                             "servers are dropped until it catches up", self.url)
             self.dropped += 1
+            self.worker.redis_gap += 1
             return
         was_empty = not self.wbuf
         self.wbuf += command

@@ -1,0 +1,63 @@
+"""The counters a worker keeps, in the one order they are published in.
+
+A worker counts in plain attributes and dicts of its own (an integer
+addition per event, nothing shared); at heartbeat time ``collect`` lays them
+out as one tuple in the order of ``COUNTERS``, which the scoreboard stores
+and the master reads back by the same names. Every value only grows for the
+life of the worker process.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+# Why a connection ended (``Worker.closes``).
+CLOSE_REASONS = (
+    "eof",  # the peer closed its side and we flushed our reply
+    "reset",  # a socket error: ECONNRESET, EPIPE, ETIMEDOUT ...
+    "disconnect",  # the application called disconnect()
+    "idle_timeout",  # no input for idle_timeout seconds
+    "slow_consumer",  # more than max_write_buffer bytes pending
+    "message_too_large",  # a framed message over max_message_size
+    "hook_error",  # a hook raised
+    "shutdown",  # the worker stopped or retired with the connection open
+    "tls_handshake",  # the TLS handshake failed or timed out
+    "proxy_header",  # a missing or malformed PROXY header
+)
+
+# Why the worker stopped accepting for a while (``Worker.accept_pauses``).
+ACCEPT_PAUSE_CAUSES = ("max_connections", "fd_limit", "fair_share")
+
+# Plain integer attributes of the worker.
+WORKER_ATTRIBUTES = (
+    "messages_in",
+    "messages_out",
+    "accepted",
+    "bytes_in",  # bytes read from client sockets
+    "bytes_out",  # bytes the kernel took for client sockets
+    "broadcasts_sent",  # broadcast() calls on this worker's connections
+    "broadcasts_delivered",  # broadcast messages handed to a connection here
+    "broadcasts_dropped",  # queued to a peer worker whose link was cut off (not reading)
+    "redis_gap",  # broadcasts that did not reach other servers (Redis down or slow)
+)
+
+COUNTERS: tuple[str, ...] = (
+    WORKER_ATTRIBUTES
+    + tuple(f"closes.{reason}" for reason in CLOSE_REASONS)
+    + tuple(f"accept_pauses.{cause}" for cause in ACCEPT_PAUSE_CAUSES)
+)
+
+_attributes = operator.attrgetter(*WORKER_ATTRIBUTES)
+
+
+def collect(worker: Any) -> tuple[int, ...]:
+    """The worker's counters, in the order of ``COUNTERS``."""
+    closes, pauses = worker.closes, worker.accept_pauses
+    return (*_attributes(worker),
+            *[closes[reason] for reason in CLOSE_REASONS],
+            *[pauses[cause] for cause in ACCEPT_PAUSE_CAUSES])
+
+
+def by_name(values: tuple[int, ...]) -> dict[str, int]:
+    return dict(zip(COUNTERS, values, strict=True))

@@ -1,0 +1,250 @@
+"""What a connection goes through before the application sees it.
+
+On a ``proxy`` listener the connection must first send a PROXY protocol
+header; on a ``tls`` listener it must complete a TLS handshake; on a
+``proxy tls`` listener the header comes first, then the handshake. A
+:class:`Preamble` drives these stages on the worker's loop, non-blocking and
+under a deadline (``proxy_timeout``, then ``tls_handshake_timeout``), then
+hands the socket to a new ``SocketConnection``, whose ``connect()`` runs
+only then. A client that fails a stage, sends garbage or stalls is closed
+and counted (``worker.closes``), with one line in the debug log: the
+application never sees it.
+
+Bytes that arrived with the last stage (the client's first data right after
+its PROXY header or its TLS Finished) are delivered right after ``connect()``,
+since no further readiness event would announce them.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from octopus.framing import NEED_DATA, Framer
+from octopus.loop import EPOLLIN, EPOLLOUT, Timer
+from octopus.proxy_protocol import ProxyHeaderError, ProxyHeaderParser
+from octopus.tls import Handshake, TLSError, TLSInfo, TLSLayer, make_context
+
+if TYPE_CHECKING:
+    from octopus.config import Settings
+    from octopus.connection import SocketConnection
+    from octopus.worker import Worker
+
+log = logging.getLogger("octopus.worker")
+
+RECV_SIZE = 65536
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ListenerPolicy:
+    """What a flagged listener asks of each new connection."""
+
+    proxy: bool
+    tls: ssl.SSLContext | None
+    proxy_trusted: tuple[Network, ...]  # empty: any peer may send a header
+    proxy_timeout: float
+    handshake_timeout: float
+
+    def trusts(self, peer: Any) -> bool:
+        if not self.proxy_trusted:
+            return True
+        if not isinstance(peer, tuple):  # a Unix socket peer: no network to match
+            return False
+        try:
+            ip = ipaddress.ip_address(peer[0].partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.proxy_trusted)
+
+
+def listener_policy(flags: frozenset[str], settings: Settings) -> ListenerPolicy:
+    """The policy of a listener with ``flags``; the TLS context is loaded now
+    (ConfigError with one line when the certificate files are wrong)."""
+    return ListenerPolicy(
+        proxy="proxy" in flags,
+        tls=make_context(settings) if "tls" in flags else None,
+        proxy_trusted=tuple(ipaddress.ip_network(item, strict=False)
+                            for item in settings.proxy_trusted),
+        proxy_timeout=settings.proxy_timeout,
+        handshake_timeout=settings.tls_handshake_timeout,
+    )
+
+
+class _Early:
+    """A framer stand-in through which ``_on_framed_input`` delivers the bytes
+    that came with the last stage (and handles a FrameError as for any read)."""
+
+    def __init__(self, messages: Callable[[], list[bytes]]) -> None:
+        self.messages = messages
+
+    def feed_messages(self, data: bytes) -> list[bytes]:
+        return self.messages()
+
+
+class Preamble:
+    """One accepted socket on its way through the PROXY header and the TLS handshake."""
+
+    def __init__(self, worker: Worker, policy: ListenerPolicy, sock: socket.socket,
+                 peer: Any) -> None:
+        self.worker, self.policy, self.sock = worker, policy, sock
+        self.fd = sock.fileno()
+        self.peer = peer  # the socket's own peer: the client, or the balancer
+        self.address = peer  # what the application will see
+        self.proxied_by: Any = None
+        self.parser = ProxyHeaderParser() if policy.proxy else None
+        self.handshake: Handshake | None = None
+        self.early = b""  # the client's first bytes, read with the last stage
+        self.out = b""  # handshake bytes the kernel has not taken yet
+        self.timer: Timer | None = None
+
+    def begin(self) -> None:
+        if self.parser is not None and not self.policy.trusts(self.peer):
+            self._fail("proxy_header", "PROXY header from an untrusted peer")
+            return
+        self.worker.preambles[self.fd] = self
+        self.worker.loop.register(self.fd, EPOLLIN, self._on_events)
+        if self.parser is not None:
+            self._deadline(self.policy.proxy_timeout, "proxy_header", "no PROXY header")
+        else:
+            self._start_tls(b"")
+
+    def _deadline(self, seconds: float, reason: str, what: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.worker.loop.call_later(
+            seconds, lambda: self._fail(reason, f"{what} within {seconds:g}s"))
+
+    def _on_events(self, mask: int) -> None:
+        if self.out and mask & EPOLLOUT:
+            self._write(b"")
+            if self.handshake is None:  # the handshake finished while output waited
+                return
+        if not mask & ~EPOLLOUT:
+            return
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(self._stage(), f"recv: {exc.strerror}")
+            return
+        if self.parser is not None:
+            self._read_header(data)
+        else:
+            self._shake(data)
+
+    def _stage(self) -> str:
+        return "proxy_header" if self.parser is not None else "tls_handshake"
+
+    def _read_header(self, data: bytes) -> None:
+        assert self.parser is not None
+        try:
+            info = self.parser.feed(data)
+        except ProxyHeaderError as exc:
+            self._fail("proxy_header", str(exc))
+            return
+        if info is NEED_DATA:
+            return
+        if not info.local and info.source is not None:
+            self.address, self.proxied_by = info.source, self.peer
+        rest, self.parser = self.parser.remainder, None
+        if self.policy.tls is None:
+            self.early = rest
+            self._finish()
+        else:
+            self._start_tls(rest)
+
+    def _start_tls(self, data: bytes) -> None:
+        assert self.policy.tls is not None
+        self.handshake = Handshake(self.policy.tls)
+        self._deadline(self.policy.handshake_timeout, "tls_handshake", "no TLS handshake")
+        if data:
+            self._shake(data)
+
+    def _shake(self, data: bytes) -> None:
+        handshake = self.handshake
+        assert handshake is not None
+        try:
+            done = handshake.feed(data)
+        except TLSError as exc:
+            self._write(handshake.data_to_send())  # the alert, if OpenSSL wrote one
+            self._fail("tls_handshake", str(exc))
+            return
+        self._write(handshake.data_to_send())
+        if done and self.sock.fileno() >= 0:
+            self._finish()
+
+    def _write(self, data: bytes) -> None:
+        out = self.out + data
+        if not out:
+            return
+        try:
+            sent = self.sock.send(out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                log.debug("%s: send: %s", self._describe(), exc.strerror)
+            sent = len(out)  # the peer is gone; the next read says so
+        self.out = out[sent:]
+        self.worker.loop.modify(self.fd, EPOLLIN | (EPOLLOUT if self.out else 0))
+
+    def _describe(self) -> str:
+        return f"connection from {self.peer!r}"
+
+    def _fail(self, reason: str, why: str) -> None:
+        log.debug("closing %s: %s", self._describe(), why)
+        self.worker.closes[reason] += 1
+        self._release()
+        self.sock.close()
+
+    def abort(self) -> None:
+        """The worker stops: drop this connection, counted as a shutdown."""
+        self._fail("shutdown", "the worker is stopping")
+
+    def _release(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.worker.preambles.pop(self.fd, None) is not None:
+            self.worker.loop.unregister(self.fd)
+
+    def _finish(self) -> None:
+        self._release()
+        conn = self.worker._open(self.sock, self.address, self)
+        if conn is None:
+            return
+        framer, early = conn._framer, self.early
+        if isinstance(framer, TLSLayer):
+            source = _Early(framer.pending)
+        elif not early:
+            return
+        elif framer is not None:
+            source = _Early(lambda: framer.feed_messages(early))
+        else:
+            source = _Early(lambda: [early])
+        # Not b"": that would mean EOF.
+        conn._on_framed_input(source, b"early")  # type: ignore[arg-type]
+
+    # Called by SocketConnection._start, before connect(): the connection's view.
+
+    def tls_info(self) -> TLSInfo | None:
+        return None if self.handshake is None else self.handshake.info()
+
+    def wrap(self, conn: SocketConnection, framer: Framer | None) -> Framer | None:
+        """The connection's framer: TLS under the application's framing."""
+        if self.handshake is None:
+            return framer
+        return self.handshake.layer(framer)  # type: ignore[return-value]
+
+    def unsent(self) -> bytes:
+        """Handshake bytes (session tickets) still to write, ahead of any reply."""
+        return self.out
