@@ -1,7 +1,8 @@
 """SocketConnection: the application's three hooks and what a connection can do.
 
 Lifecycle (one row per transition; ``close()`` runs exactly once, on entering
-CLOSED, for every connection whose ``connect()`` was called)::
+CLOSED, for every connection whose ``connect()`` was called, and for every
+outbound one, connected or not)::
 
     state       event                                action                       next
     CONNECTING  connected (open_connection)          register, connect(), write   OPEN
@@ -28,8 +29,8 @@ has not read yet: so after our FIN we read and discard until the peer's EOF.
 
 Paused reading leaves the kernel's receive buffer to fill, so TCP's window
 closes and the peer is held back. Paused is not a state of its own: it is
-OPEN with EPOLLIN out of ``_events`` (in OPEN, reading watches EPOLLIN
-always), so the hot path tests nothing for it; the fd is then served by
+OPEN with EPOLLIN out of ``_events`` (an OPEN connection that is not paused
+always watches EPOLLIN), so the hot path tests nothing for it; the fd is then served by
 ``_on_paused_events``, which never reads. EPOLLERR and EPOLLHUP are reported
 whatever the mask says, and level-triggered HUP (a Unix peer that closed)
 would be reported at every iteration; so a paused registration is
@@ -231,8 +232,10 @@ class SocketConnection:
     @property
     def write_buffer_size(self) -> int:
         """Bytes given to ``send()`` that the kernel has not taken yet."""
-        wbuf: bytearray | None = getattr(self, "_wbuf", None)
-        return 0 if wbuf is None else len(wbuf)
+        try:
+            return len(self._wbuf)
+        except AttributeError:  # not started
+            return 0
 
     @property
     def error(self) -> str | None:
@@ -289,7 +292,7 @@ class SocketConnection:
         self.address = address
         self.credentials = (
             _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-            if sock.family == socket.AF_UNIX
+            if type(address) is not tuple  # AF_UNIX: a path (str or bytes), not (host, port)
             else None
         )
         framing = type(self).framing or worker.framing
@@ -516,7 +519,10 @@ class SocketConnection:
         self._worker.closes[reason if state == OPEN else self._reason] += 1
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        self._worker.loop.unregister(self._fd)
+        # Closing the only descriptor of the socket takes it out of the epoll
+        # set: no EPOLL_CTL_DEL needed. (A socket about to be shared, as by a
+        # hand-off, is unregistered explicitly before.)
+        self._worker.loop.forget(self._fd)
         self._sock.close()
         self._worker.connection_closed(self)
         if self._connected:

@@ -114,6 +114,11 @@ class Loop:
         self._epoll.unregister(fd)
         self._epoll.register(fd, events)
 
+    def forget(self, fd: int) -> None:
+        """Drop ``fd``'s callback only: the caller closes its last descriptor,
+        which removes it from the epoll set."""
+        self._callbacks.pop(fd, None)
+
     def unregister(self, fd: int) -> None:
         if self._callbacks.pop(fd, None) is not None:
             try:

@@ -277,10 +277,7 @@ class Master:
         deadlines = [w.kill_at for w in self.workers.values() if w.kill_at is not None]
         if self.next_spawn_at > now:
             deadlines.append(self.next_spawn_at)
-        for server in self._servers:
-            deadline = server.next_deadline()
-            if deadline is not None:
-                deadlines.append(deadline)
+        deadlines += [t for s in self._servers if (t := s.next_deadline()) is not None]
         # Heartbeats are checked at least a few times per timeout.
         soonest = min(deadlines, default=now + 1.0)
         return max(0.0, min(soonest - now, 1.0, self.settings.timeout / 4))
@@ -544,6 +541,8 @@ class Master:
             if text not in self.listeners:
                 log.info("listening on %s", self._pending_listeners[text].name)
         self.listeners = self._pending_listeners
+        if self.pending_settings.metrics_bind != self.settings.metrics_bind:
+            log.warning("metrics_bind changed; it takes effect when the master restarts")
         self.generation, self.pending = self.pending, None
         self.settings = self.pending_settings
         self.num_workers = self.settings.workers

@@ -31,7 +31,6 @@ import functools
 import logging
 import os
 import socket
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from octopus.address import Address, parse_address
@@ -41,6 +40,8 @@ from octopus.framing import FRAMINGS, make_framer
 from octopus.loop import EPOLLOUT
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from octopus.framing import Framer
     from octopus.worker import Worker
 
@@ -165,7 +166,7 @@ class Connector:
         conn._framer = framer
         conn._events = 0
         conn.address = address
-        conn.credentials = None
+        conn.credentials = conn.tls = conn.proxied_by = None
         worker.connections[conn._fd] = conn
         worker.outbound.add(conn._fd)
 
@@ -229,7 +230,7 @@ class Connector:
 
     def _give_up(self, reason: str) -> None:
         self.error = reason
-        log.info("cannot connect to %s: %s", self.target, reason)
+        log.debug("cannot connect to %s: %s", self.target, reason)  # close() tells the app
         self.conn._abort("reset")
 
     def _connected(self) -> None:

@@ -60,6 +60,9 @@ _SKIP_ACCEPT_ERRNOS = frozenset({
     errno.EPERM,  # a firewall rule refused it
     errno.EINTR,
 })
+# A listener's family, type, whether it is TCP, and what opens an accepted socket.
+_Accepting = tuple[int, int, bool, Callable[[socket.socket, Any], object]]
+
 # accept() errors that mean this process is out of a resource: pause accepting.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -83,14 +86,19 @@ class Worker:
             raise ConfigError(f"{connection_class.__qualname__}.framing: expected one of "
                               f"{', '.join(FRAMINGS)}, got {framing!r}")
         self.listeners = list(listeners)
-        # How each listener opens what it accepts: plain listeners straight
-        # into a SocketConnection, flagged ones through a Preamble (which loads
-        # the TLS certificate now: ConfigError before anything is created).
-        self._openers: dict[socket.socket, Callable[[socket.socket, Any], object]] = {}
-        for listener, flags in zip(self.listeners, listener_flags, strict=False):
-            if flags:
-                self._openers[listener] = functools.partial(
-                    self._open_preamble, listener_policy(flags, settings))
+        # Per listener: its family and type (read once: the socket module's
+        # properties build enums at every access) and how it opens what it
+        # accepts: plain listeners straight into a SocketConnection, flagged
+        # ones through a Preamble (which loads the TLS certificate now, so a
+        # ConfigError comes before anything is created).
+        self._accepting: dict[socket.socket, _Accepting] = {}
+        flags_of = dict(zip(self.listeners, listener_flags, strict=False))
+        for listener in self.listeners:
+            flags = flags_of.get(listener)
+            opener = (functools.partial(self._open_preamble, listener_policy(flags, settings))
+                      if flags else self._open)
+            family, kind = int(listener.family), int(listener.type)
+            self._accepting[listener] = (family, kind, family != socket.AF_UNIX, opener)
         self.loop = loop or Loop()
         self.connection_class = connection_class
         self.framing = settings.framing
@@ -208,7 +216,7 @@ class Worker:
     def _accept(self, listener: socket.socket, mask: int) -> int:
         """Accept up to ACCEPT_BURST connections; return how many were taken."""
         connections = self.connections
-        open_connection = self._openers.get(listener, self._open)
+        family, kind, tcp, open_connection = self._accepting[listener]
         draining, self._draining = self._draining, False
         for taken in range(ACCEPT_BURST):
             if len(connections) >= self.max_connections:
@@ -216,7 +224,8 @@ class Worker:
                 self.pause_accepting()
                 return taken
             try:
-                sock, address = listener.accept()
+                # What socket.accept() does, without its per-call enum lookups.
+                fd, address = listener._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return taken
             except OSError as exc:
@@ -233,6 +242,10 @@ class Worker:
                     return taken
                 raise
             self._short_of_resources = False
+            sock = socket.socket(family, kind, 0, fd)
+            sock.setblocking(False)
+            if tcp:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             open_connection(sock, address)
             if self.balancer is not None:
                 self.balancer.publish(len(connections))
@@ -245,9 +258,7 @@ class Worker:
 
     def _open(self, sock: socket.socket, address: object,
               preamble: Preamble | None = None) -> SocketConnection | None:
-        sock.setblocking(False)
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        """Serve ``sock`` (non-blocking, TCP_NODELAY set) with a new connection."""
         try:
             conn = self.connection_class()
         except Exception:
@@ -262,9 +273,6 @@ class Worker:
 
     def _open_preamble(self, policy: ListenerPolicy, sock: socket.socket,
                        address: object) -> None:
-        sock.setblocking(False)
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         Preamble(self, policy, sock, address).begin()
 
     def connection_closed(self, conn: SocketConnection) -> None:

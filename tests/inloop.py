@@ -34,6 +34,7 @@ class InLoop:
     def serve(self, sock: socket.socket, cls: type[C]) -> C:
         """Serve ``sock`` with a new ``cls``, as the worker does an accepted socket."""
         self.worker.connection_class = cls
+        sock.setblocking(False)  # the worker's accept loop does this before _open()
         self.worker._open(sock, sock.getpeername() if sock.family != socket.AF_UNIX else "")
         conn = self.worker.connections[sock.fileno()]
         assert isinstance(conn, cls)

@@ -20,9 +20,11 @@ from octopus import control
 from tests import procs
 from tests.helpers import connect, recv_until_closed, wait_until
 
-# Replies with its pid; a worker that boots while "block-boot" exists waits.
+# Replies with its pid, or blocks its loop on "block". A worker that boots
+# while "block-boot" exists waits; while "fail-boot" exists it fails.
 APP = """
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -30,12 +32,16 @@ from octopus import SocketConnection
 
 while Path("block-boot").exists():
     time.sleep(0.01)
+if Path("fail-boot").exists():
+    raise RuntimeError("failing to boot on purpose")
 
 
 class App(SocketConnection):
     framing = "line"
 
     def receive(self, message):
+        if message == b"block":
+            threading.Event().wait()
         self.send(b"%d" % os.getpid())
 """
 
@@ -158,9 +164,9 @@ def test_health_is_503_while_a_worker_boots_or_the_server_stops(
     wait_until(lambda: get(metrics, "/health")[0] == 200, message="healthy")
     (tmp_path / "block-boot").touch()
     server.signal(signal.SIGTTIN)  # a third worker, stuck in its import
-    status, body = wait_until(lambda: (r := get(metrics, "/health"))[0] == 503 and r,
-                              message="503 while worker 2 boots")
-    assert body == "unavailable: worker 2 is booting\n"
+    reply = wait_until(lambda: (r := get(metrics, "/health"))[0] == 503 and r,
+                       message="503 while worker 2 boots")
+    assert reply == (503, "unavailable: worker 2 is booting\n")
     (tmp_path / "block-boot").unlink()
     wait_until(lambda: get(metrics, "/health")[0] == 200, message="200 once it booted")
 
@@ -201,6 +207,30 @@ def test_counters_never_go_down_across_kill9_and_reload(tmp_path: Path,
                 > total(before, "octopus_messages_received_total"))
     finally:
         traffic.stop()
+
+
+def test_restarts_are_counted_by_cause(tmp_path: Path, servers: procs.Servers) -> None:
+    server, metrics = start(servers, tmp_path, "--workers", "2", "--timeout", "1")
+    port = server.wait_ready()
+    with procs.connect(port) as sock:
+        stuck = int(procs.ask(sock))
+        sock.sendall(b"block\n")
+        server.wait_workers(2, without=(stuck,))
+    (tmp_path / "fail-boot").touch()
+    victim = server.workers()[0]
+    os.kill(victim, signal.SIGKILL)
+
+    def counted() -> Samples | None:
+        samples = counters(metrics)
+        by_cause = {cause: total(samples, "octopus_worker_restarts_total", cause=cause)
+                    for cause in ("heartbeat", "crashed", "boot_failed")}
+        return samples if by_cause["boot_failed"] >= 1 and by_cause["crashed"] == 1 else None
+
+    samples = wait_until(counted, message="the restarts by cause")
+    assert total(samples, "octopus_worker_restarts_total", cause="heartbeat") == 1
+    assert get(metrics, "/health")[0] == 503
+    (tmp_path / "fail-boot").unlink()
+    wait_until(lambda: get(metrics, "/health")[0] == 200, message="healthy once it boots")
 
 
 class Traffic:

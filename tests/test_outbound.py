@@ -132,6 +132,26 @@ def test_a_failed_connect_closes_with_the_reason_and_leaks_nothing(
         assert set(inloop.worker.connections.values()) == {owner}
 
 
+def test_close_may_open_a_new_connection_to_redial(inloop: InLoop) -> None:
+    far = socket.create_server(("127.0.0.1", 0))
+    with socket.create_server(("127.0.0.1", 0)) as gone:
+        refused = f"127.0.0.1:{gone.getsockname()[1]}"
+    dials: list[Probe] = []
+
+    class Redial(Probe):
+        def close(self) -> None:
+            super().close()
+            if len(dials) < 2:
+                dials.append(self.open_connection(f"127.0.0.1:{far.getsockname()[1]}", Redial))
+
+    owner, client = owner_of(inloop)
+    with far, client:
+        dials.append(owner.open_connection(refused, Redial))
+        inloop.run_until(lambda: len(dials) == 2 and dials[1].events, message="the redial")
+        assert dials[0].events == ["close error=connection refused"]
+        assert dials[1].events == ["connect"]
+
+
 def test_disconnect_before_connected_gives_up_at_once(inloop: InLoop) -> None:
     owner, client = owner_of(inloop)
     with client, socket.create_server(("127.0.0.1", 0)) as far:

@@ -140,6 +140,18 @@ def test_a_connection_that_closed_meanwhile_gets_no_callback(inloop: InLoop) -> 
     assert conn.results == [] and conn.closed == 1
 
 
+def test_a_call_on_a_closed_connection_still_runs_but_calls_nothing_back(
+        inloop: InLoop) -> None:
+    conn, client = caller(inloop)
+    client.close()
+    inloop.run_until(lambda: conn.closed, message="close()")
+    ran: list[str] = []
+    conn.run_in_thread(ran.append, "from close()", then=conn.results.append)
+    wait_until(lambda: ran, message="the call")
+    inloop.run_for(0.05)
+    assert ran == ["from close()"] and conn.results == []
+
+
 def test_threads_setting_is_validated() -> None:
     assert config.from_kwargs().threads == 4
     with pytest.raises(ConfigError, match="threads"):

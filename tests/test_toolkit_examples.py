@@ -89,7 +89,7 @@ def test_stream_sends_256_mib_to_a_slow_reader_in_bounded_memory(spawn: Spawn) -
         recv_exactly(sock, MiB)
         rss = PeakRSS(server.pid)
         sock.sendall(b"stream 256\n")
-        digest = read_paced(sock, 256 * MiB, rate=160 * MiB, sample=rss.sample)
+        digest = read_paced(sock, 256 * MiB, rate=256 * MiB, sample=rss.sample)
     expected = hashlib.sha256()
     for _ in range(256 * 16):
         expected.update(b"x" * 65535 + b"\n")
@@ -187,13 +187,14 @@ def open_fds(pid: int) -> int:
 
 @pytest.mark.parametrize("down", ["unix", "tcp"])
 def test_proxy_with_its_backend_down_closes_clients_and_leaks_nothing(
-        spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, down: str) -> None:
+        spawn: Spawn, tmp_path: Path, down: str) -> None:
     if down == "unix":
         address = f"unix:{tmp_path / 'nobody.sock'}"
     else:
         with socket.create_server(("127.0.0.1", 0)) as gone:
             address = f"127.0.0.1:{gone.getsockname()[1]}"  # closed: refused
-    proxy = start_proxy(spawn, address, monkeypatch)
+    proxy = spawn(str(EXAMPLES / "proxy.py"), "127.0.0.1:0", address)  # as a program
+    proxy.wait_listening()
     with connect(proxy.address) as first:  # the first client: the worker's one-time setup
         assert first.recv(1) == b""
     before = open_fds(proxy.pid)
@@ -206,3 +207,6 @@ def test_proxy_with_its_backend_down_closes_clients_and_leaks_nothing(
                message=f"{before} descriptors in the proxy again")
     reason = "no such file or directory" if down == "unix" else "connection refused"
     assert proxy.count(reason) >= 6, proxy.log
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0, proxy.log
+    assert "Traceback" not in proxy.log

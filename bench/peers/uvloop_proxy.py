@@ -30,14 +30,18 @@ class Pipe(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: Pipe | None = None
+        self.early: list[bytes] = []  # read before the peer was connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=HIGH_WATER, low=0)
 
     def data_received(self, data: bytes) -> None:
-        assert self.peer is not None and self.peer.transport is not None
-        self.peer.transport.write(data)  # the peer's pause_writing() pauses us
+        assert self.peer is not None
+        if self.peer.transport is None:  # uvloop may deliver a read despite the pause
+            self.early.append(data)
+        else:
+            self.peer.transport.write(data)  # the peer's pause_writing() pauses us
 
     def pause_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -60,11 +64,11 @@ class ClientSide(Pipe):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.transport.pause_reading()  # type: ignore[union-attr]  # until the backend answers
-        asyncio.get_running_loop().create_task(self.open_backend())
+        backend = self.peer = BackendSide(self)
+        self.task = asyncio.get_running_loop().create_task(self.open_backend(backend))
 
-    async def open_backend(self) -> None:
+    async def open_backend(self, backend: BackendSide) -> None:
         loop = asyncio.get_running_loop()
-        backend = BackendSide(self)
         try:
             if self.backend.startswith("unix:"):
                 await loop.create_unix_connection(lambda: backend, self.backend[5:])
@@ -75,7 +79,10 @@ class ClientSide(Pipe):
             if self.transport is not None:
                 self.transport.close()
             return
-        self.peer = backend
+        assert backend.transport is not None
+        for data in self.early:
+            backend.transport.write(data)
+        self.early.clear()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
         else:
