@@ -328,14 +328,15 @@ class SocketConnection:
                 except OSError as exc:
                     self._lost(exc)
                     return
-                self._worker.bytes_in += len(data)
+                worker = self._worker
+                worker.bytes_in += len(data)
                 if self._idle_timer is not None:
-                    self._last_input = self._worker.loop.time
+                    self._last_input = worker.loop.time
                 framer = self._framer
                 if framer is not None:
                     self._on_framed_input(framer, data)
                 elif data:
-                    self._worker.messages_in += 1
+                    worker.messages_in += 1
                     try:
                         self.receive(data)
                     except Exception:

@@ -13,6 +13,7 @@ import pytest
 
 from tests import procs
 from tests.helpers import wait_until
+from tests.tls_certs import make_certs, tls_connect
 
 
 class Notifications:
@@ -96,22 +97,31 @@ def free_port() -> int:
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                     reason="systemd-socket-activate is not installed")
-def test_socket_activation(tmp_path: Path, servers: procs.Servers) -> None:
-    procs.write_app(tmp_path, procs.PID_APP)
+def socket_activated(servers: procs.Servers, *args: str) -> tuple[procs.Octopusd, int]:
+    """``octopusd start ARGS`` under systemd-socket-activate on a free port."""
     # systemd-socket-activate needs a fixed port: take a free one, retry if it was taken.
     for _ in range(5):
         port = free_port()
-        server = servers.start("--app", "app:App", "--workers", "2", "--pidfile",
-                               "octopusd.pid",
-                               command=["systemd-socket-activate", "-l", f"127.0.0.1:{port}"])
+        server = servers.start(*args, command=["systemd-socket-activate", "-l",
+                                               f"127.0.0.1:{port}"])
         wait_until(lambda s=server: s.lines or s.proc.poll() is not None,
                    message="systemd-socket-activate to listen")
         if server.proc.poll() is None:
-            break
+            server.wait_for_log(f"Listening on 127.0.0.1:{port}")
+            return server, port
         assert "in use" in server.log or str(errno.EADDRINUSE) in server.log, server.log
-    else:
-        pytest.fail("no free port for systemd-socket-activate")
-    server.wait_for_log(f"Listening on 127.0.0.1:{port}")
+    pytest.fail("no free port for systemd-socket-activate")
+
+
+needs_activate = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                                    reason="systemd-socket-activate is not installed")
+
+
+@needs_activate
+def test_socket_activation(tmp_path: Path, servers: procs.Servers) -> None:
+    procs.write_app(tmp_path, procs.PID_APP)
+    server, port = socket_activated(servers, "--app", "app:App", "--workers", "2",
+                                    "--pidfile", "octopusd.pid")
 
     # The first connection makes systemd-socket-activate exec octopusd on fd 3.
     with procs.connect(port) as sock:
@@ -133,3 +143,14 @@ def test_socket_activation(tmp_path: Path, servers: procs.Servers) -> None:
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
     assert procs.port_closed(port)
+
+
+@needs_activate
+def test_socket_activation_of_a_tls_listener(tmp_path: Path, servers: procs.Servers) -> None:
+    procs.write_app(tmp_path, procs.PID_APP)
+    certs = make_certs(tmp_path)
+    server, port = socket_activated(servers, "--app", "app:App", "--bind", "fd://3 tls",
+                                    "--tls-cert", certs.cert, "--tls-key", certs.key)
+    with tls_connect(certs.client_context(), f"127.0.0.1:{port}", timeout=10) as client:
+        client.sendall(b"pid\n")
+        assert int(client.recv(64)) in server.wait_workers(1)
