@@ -95,8 +95,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
-                    reason="systemd-socket-activate is not installed")
 def socket_activated(servers: procs.Servers, *args: str) -> tuple[procs.Octopusd, int]:
     """``octopusd start ARGS`` under systemd-socket-activate on a free port."""
     # systemd-socket-activate needs a fixed port: take a free one, retry if it was taken.
