@@ -240,8 +240,9 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
     ("Listening", (
         Setting("bind", _bind, ["127.0.0.1:9876"],
                 "Addresses to listen on: HOST:PORT, [IPV6]:PORT, a port number, unix:PATH "
-                "or fd://N. A list or one address; sockets passed by systemd (LISTEN_FDS) "
-                "take its place.", "ADDR", multiple=True),
+                'or fd://N, each optionally followed by the flags "tls" and "proxy" '
+                '("0.0.0.0:9443 proxy tls"). A list or one address; sockets passed by '
+                "systemd (LISTEN_FDS) take its place.", "ADDR", multiple=True),
         Setting("backlog", _positive_int, 2048,
                 "Listen backlog: connections the kernel queues before they are accepted.",
                 "N"),
