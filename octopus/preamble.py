@@ -126,8 +126,6 @@ class Preamble:
     def _on_events(self, mask: int) -> None:
         if self.out and mask & EPOLLOUT:
             self._write(b"")
-            if self.handshake is None:  # the handshake finished while output waited
-                return
         if not mask & ~EPOLLOUT:
             return
         try:
@@ -180,7 +178,7 @@ class Preamble:
             self._fail("tls_handshake", str(exc))
             return
         self._write(handshake.data_to_send())
-        if done and self.sock.fileno() >= 0:
+        if done:
             self._finish()
 
     def _write(self, data: bytes) -> None:

@@ -184,7 +184,11 @@ class TLSLayer:
     def feed_messages(self, data: bytes) -> list[bytes]:
         if data:
             self._incoming.write(data)
-            return self._messages(self._decrypt())
+            plain = self._decrypt()
+            if not plain:
+                return []
+            inner = self._inner
+            return [plain] if inner is None else inner.feed_messages(plain)
         self._incoming.write_eof()
         plain = self._decrypt()
         inner = self._inner
@@ -199,13 +203,14 @@ class TLSLayer:
         try:
             # Stop when nothing is left rather than on SSLWantReadError: the
             # exception costs more than the record it would report.
-            while True:
-                chunk = read(RECORD)
-                if not chunk:
-                    break
+            chunk = read(RECORD)
+            if not incoming.pending and not buffered():
+                return chunk  # one record: the common case
+            while chunk:
                 chunks.append(chunk)
                 if not incoming.pending and not buffered():
                     break
+                chunk = read(RECORD)
         except ssl.SSLWantReadError:
             pass
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
