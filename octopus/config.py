@@ -446,8 +446,20 @@ class Settings:
         return tuple(address for address, _ in self.bind_entries())
 
     def listener_flags(self) -> dict[str, frozenset[str]]:
-        """The flags of each bind entry, by its address as ``str(Address)`` writes it."""
-        return {str(address): flags for address, flags in self.bind_entries()}
+        """The flags of each bind entry by its key (``listener_keys``)."""
+        return dict(zip(self.listener_keys(), (f for _, f in self.bind_entries()),
+                        strict=True))
+
+    def listener_keys(self) -> list[str]:
+        """A key per bind entry: its address as ``str(Address)`` writes it, so
+        that a reload keeps the socket of an address whose flags changed; a
+        repeated address ("127.0.0.1:0" twice) gets "#2", "#3"... appended."""
+        keys: list[str] = []
+        for address, _ in self.bind_entries():
+            text = str(address)
+            seen = sum(1 for key in keys if key.partition("#")[0] == text)
+            keys.append(f"{text}#{seen + 1}" if seen else text)
+        return keys
 
 
 DEFAULTS = Settings(**_parse_all({s.name: s.default for s in SETTINGS}, None))

@@ -157,8 +157,8 @@ class Master:
         keep = keep or {}
         bound: dict[str, Listener] = {}
         try:
-            for address in settings.addresses():
-                text = str(address)
+            for text, address in zip(settings.listener_keys(), settings.addresses(),
+                                     strict=True):
                 if text in keep:
                     bound[text] = keep[text]
                 else:
@@ -324,8 +324,9 @@ class Master:
             self._become_worker(WorkerContext(
                 settings, [listener.sock for listener in listeners.values()],
                 self.scoreboard, slot, index, generation, write_fd, self.namespace,
-                [flags.get(str(listener.address), frozenset())
-                 for listener in listeners.values()]))
+                # By key; inherited sockets (LISTEN_FDS) by their "fd://N".
+                [flags[key] if key in flags else flags.get(str(listener.address), frozenset())
+                 for key, listener in listeners.items()]))
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         self.scoreboard.set_pid(slot, pid)

@@ -78,3 +78,20 @@ def test_start_and_check_refuse_a_missing_certificate(tmp_path: Path,
     config.write_text('app = "app:App"\nbind = ["127.0.0.1:0 tlss"]\n')
     line = procs.one_line_error(servers.run("check", "--config", str(config)))
     assert "unknown flag 'tlss'" in line, line
+
+
+def test_one_address_twice_with_different_flags(tmp_path: Path,
+                                                servers: procs.Servers) -> None:
+    procs.write_app(tmp_path, APP.replace('(self.tls.version or "")', '(self.tls and "on" or "")'))
+    certs = make_certs(tmp_path)
+    server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0 tls",
+                           "--bind", "127.0.0.1:0", "--tls-cert", certs.cert,
+                           "--tls-key", certs.key, "--pidfile", "octopusd.pid")
+    server.wait_ready()
+    tls_address, plain_address = procs.status(tmp_path / "octopusd.pid")["master"]["listening"]
+    assert tls_address != plain_address
+    with tls_connect(certs.client_context(), tls_address) as client:
+        client.sendall(b"hi\n")
+        assert client.recv(100) == b"tls on\n"
+    with procs.connect(int(plain_address.rpartition(":")[2])) as sock:
+        assert procs.ask(sock) == b"tls "
