@@ -63,6 +63,16 @@ def recv_exactly(sock: socket.socket, size: int, chunk: int = 65536) -> bytes:
     return bytes(buf)
 
 
+def recv_through_newline(sock: socket.socket) -> bytes:
+    """Read until what arrived ends with a newline (one reply of a line protocol)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
+
+
 def recv_until_closed(sock: socket.socket, allow_reset: bool = False) -> bytes:
     """Read until the peer's EOF; return what arrived.
 

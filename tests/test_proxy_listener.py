@@ -11,7 +11,7 @@ import pytest
 
 from octopus import SocketConnection
 from tests.conftest import ThreadedServer
-from tests.helpers import connect, recv_until_closed, wait_until
+from tests.helpers import connect, recv_through_newline, recv_until_closed, wait_until
 from tests.test_proxy_protocol import inet, v2
 from tests.tls_certs import make_certs, tls_connect
 
@@ -42,12 +42,7 @@ def _reset() -> None:
 
 def ask(sock: socket.socket, first: bytes) -> bytes:
     sock.sendall(first)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        assert chunk, f"closed after {data!r}"
-        data += chunk
-    return data
+    return recv_through_newline(sock)
 
 
 @pytest.mark.parametrize(("header", "client"), [

@@ -15,6 +15,7 @@ from octopus import Octopus, SocketConnection
 from octopus.errors import ConfigError
 from tests.conftest import ThreadedServer
 from tests.helpers import connect, recv_exactly, wait_until
+from tests.helpers import recv_through_newline as read_line
 from tests.tls_certs import Certs, make_certs, tls_connect
 
 
@@ -45,15 +46,6 @@ def certs(tmp_path: Path) -> Certs:
 
 
 Start = Callable[..., ThreadedServer]
-
-
-def read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(65536)
-        assert chunk, f"closed after {data!r}"
-        data += chunk
-    return data
 
 
 def test_tls_and_plain_listeners_side_by_side(threaded_server: Start, certs: Certs) -> None:
