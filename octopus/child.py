@@ -5,7 +5,8 @@ Signals from the master (handled in the worker's loop, between callbacks):
     TERM        graceful stop: flush every connection and close it, then exit
     INT, QUIT   quick stop: close every connection now, then exit
     USR2        retire: stop accepting; serve open connections until they end
-                or graceful_timeout passes, then exit
+                or graceful_timeout passes, then exit (with reload_handoff,
+                first move them to the live workers: octopus.handoff)
     USR1        reopen log files
     HUP         ignored (reload is the master's business)
     ABRT        sent by the master when the heartbeat stops: faulthandler
@@ -25,6 +26,7 @@ from octopus.broadcast import local as _local  # noqa: F401  (see drop_privilege
 from octopus.config import Settings
 from octopus.connection import SocketConnection
 from octopus.counters import collect
+from octopus.handoff import Handoff
 from octopus.importer import import_app, prepare_path
 from octopus.process import Target, WorkerContext
 from octopus.scoreboard import READY, RETIRING
@@ -72,7 +74,9 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
     loop = worker.loop
     # An idle loop must still beat several times per timeout.
     loop.max_wait = min(loop.max_wait, settings.timeout / 4)
-    broadcast.attach(worker, settings, board, slot, namespace=ctx.namespace)
+    mesh = broadcast.attach(worker, settings, board, slot, namespace=ctx.namespace)
+    handoff = (Handoff(worker, board, slot, ctx.namespace, mesh, ctx.report)
+               if settings.reload_handoff else None)
     last_beat = 0.0
 
     def heartbeat(now: float) -> None:
@@ -92,6 +96,8 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
     def retire() -> None:
         board.set_state(slot, RETIRING)
         worker.retire()
+        if handoff is not None:
+            handoff.evacuate()
 
     loop.on_tick = heartbeat
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

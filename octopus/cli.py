@@ -191,6 +191,12 @@ def status(config_file: str | None, pid_path: str | None, as_json: bool) -> None
         click.echo("last reload: none")
     else:
         outcome = reload_["status"] + (f": {reload_['error']}" if reload_["error"] else "")
+        handoff = reload_.get("handoff")
+        if handoff:
+            outcome += (f"; hand-off: {handoff['moved']} moved, {handoff['drained']} drained, "
+                        f"{handoff['failed']} failed")
+            if handoff["pending"]:
+                outcome += f" ({handoff['pending']} worker(s) still handing off)"
         click.echo(f"last reload: {outcome}")
 
 

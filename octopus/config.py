@@ -262,6 +262,12 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("graceful_timeout", _seconds(positive=False), 30,
                 "Seconds retiring workers get to finish their connections on reload or "
                 "stop.", "SECONDS"),
+        Setting("reload_handoff", _bool, False,
+                "On reload (and TTOU), move open connections to the new workers instead "
+                "of draining them: the socket, its unread input and unsent output, and "
+                "what the class's suspend() returns, handed to resume() in the new code. "
+                "TLS connections cannot move and drain as before. Takes effect for "
+                "workers started with it on."),
         Setting("threads", _positive_int, 4,
                 "Threads in each worker's pool for run_in_thread() (blocking calls off "
                 "the event loop). The pool starts on first use: a worker that never "
@@ -404,6 +410,7 @@ class Settings:
     max_connections: int
     timeout: float
     graceful_timeout: float
+    reload_handoff: bool
     threads: int
     framing: str
     max_message_size: int

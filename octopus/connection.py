@@ -19,6 +19,9 @@ outbound one, connected or not)::
     CLOSING     output drained, peer still open      shutdown(SHUT_WR), linger    LINGER
     CLOSING     output drained after peer's EOF      close the socket             CLOSED
     LINGER      peer's EOF, or linger time passes    close the socket             CLOSED
+    OPEN        handed off (reload_handoff; see      stop reading, suspend(), the CLOSED
+                octopus.handoff)                     new worker resume()s it; no
+                                                     close() here
     any         reset, hook raised, idle timeout,    close the socket now         CLOSED
                 slow consumer, oversized message,
                 quick stop
@@ -139,6 +142,18 @@ class SocketConnection:
 
     def drained(self) -> None:
         """Output that had to wait has all been written: room to send more."""
+
+    def suspend(self) -> Any:
+        """Reload with ``reload_handoff``: this connection moves to a new worker.
+
+        Return what it must remember (picklable); the new code's ``resume()``
+        receives it. Neither ``close()`` here nor ``connect()`` there is called.
+        """
+        return None
+
+    def resume(self, state: Any) -> None:
+        """This connection was moved here from a retiring worker; ``state`` is
+        what its ``suspend()`` returned. Runs instead of ``connect()``."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -279,6 +294,25 @@ class SocketConnection:
 
     def _start(self, worker: Worker, sock: socket.socket, address: Any,
                preamble: Preamble | None = None) -> None:
+        self._attach(worker, sock, address)
+        if preamble is None:
+            self.tls = self.proxied_by = None
+        else:  # after a PROXY header or a TLS handshake
+            self.tls, self.proxied_by = preamble.tls_info(), preamble.proxied_by
+            self._framer = preamble.wrap(self, self._framer)
+            self._wbuf += preamble.unsent()
+            if self._wbuf:
+                self._events = EPOLLIN | EPOLLOUT
+        worker.loop.register(self._fd, self._events, self._on_events)
+        if worker.idle_timeout > 0:
+            self._last_input = worker.loop.time
+            self._idle_timer = worker.loop.call_later(worker.idle_timeout, self._check_idle)
+        self._connected = True
+        self._run_hook(self.connect)
+
+    def _attach(self, worker: Worker, sock: socket.socket, address: Any) -> None:
+        """Take ``sock`` as an OPEN connection of ``worker``, not yet registered
+        (``_start``, and ``octopus.handoff`` for a connection moved here)."""
         self._worker = worker
         self._sock = sock
         self._fd = sock.fileno()
@@ -300,20 +334,6 @@ class SocketConnection:
             None if framing == "raw" else make_framer(framing, worker.max_message_size)
         )
         self._events = EPOLLIN
-        if preamble is None:
-            self.tls = self.proxied_by = None
-        else:  # after a PROXY header or a TLS handshake
-            self.tls, self.proxied_by = preamble.tls_info(), preamble.proxied_by
-            self._framer = preamble.wrap(self, self._framer)
-            self._wbuf += preamble.unsent()
-            if self._wbuf:
-                self._events = EPOLLIN | EPOLLOUT
-        worker.loop.register(self._fd, self._events, self._on_events)
-        if worker.idle_timeout > 0:
-            self._last_input = worker.loop.time
-            self._idle_timer = worker.loop.call_later(worker.idle_timeout, self._check_idle)
-        self._connected = True
-        self._run_hook(self.connect)
 
     def _on_events(self, mask: int) -> None:
         state = self._state

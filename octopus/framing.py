@@ -119,6 +119,10 @@ class RawFramer:
         """Bytes held but not yet returned by ``next_message()``."""
         return sum(map(len, self._chunks))
 
+    def unread(self) -> bytes:
+        """A copy of the bytes held but not yet returned."""
+        return b"".join(self._chunks)
+
     def feed(self, data: bytes) -> None:
         if data:
             if self._eof:
@@ -154,6 +158,11 @@ class _BufferedFramer:
     def buffered(self) -> int:
         """Bytes held but not yet returned by ``next_message()``."""
         return len(self._buf)
+
+    def unread(self) -> bytes:
+        """A copy of the bytes held but not yet returned (the start of a message);
+        feeding them to a fresh framer of the same kind gives an equal framer."""
+        return bytes(self._buf)
 
     def feed(self, data: bytes) -> None:
         if data:

@@ -82,6 +82,7 @@ class Master:
         self.next_spawn_at = 0.0
         self.restarts: dict[int, int] = {}
         self.reload_status: dict[str, Any] = {"status": "ok", "error": None, "time": None}
+        self._handing_off: set[int] = set()  # pids of the last reload's workers yet to report
         self.started = time.time()
         self._signals: deque[int] = deque(maxlen=64)
         # Wakes the master's select: set_wakeup_fd writes signal numbers here.
@@ -298,6 +299,26 @@ class Master:
                 self._worker_ready(worker)
             elif text.startswith("error "):
                 worker.error = text[6:]
+            elif text.startswith("handoff "):
+                self._handoff_reported(worker, text[8:])
+
+    def _handoff_reported(self, worker: WorkerProcess, text: str) -> None:
+        """A retiring worker moved its connections (``moved=N drained=N failed=N``)."""
+        counts = {key: int(value) for key, _, value in
+                  (item.partition("=") for item in text.split()) if value.isdigit()}
+        log.info("worker %d (pid %d, generation %d) handed off its connections: %d moved, "
+                 "%d drained, %d failed", worker.index, worker.pid, worker.generation,
+                 counts.get("moved", 0), counts.get("drained", 0), counts.get("failed", 0))
+        handoff = self.reload_status.get("handoff")
+        if worker.pid in self._handing_off and handoff is not None:
+            for key in ("moved", "drained", "failed"):
+                handoff[key] += counts.get(key, 0)
+        self._handoff_done(worker)
+
+    def _handoff_done(self, worker: WorkerProcess) -> None:
+        self._handing_off.discard(worker.pid)
+        if "handoff" in self.reload_status:
+            self.reload_status["handoff"]["pending"] = len(self._handing_off)
 
     def spawn_worker(self, index: int, generation: int, settings: config.Settings,
                      listeners: dict[str, Listener]) -> bool:
@@ -410,6 +431,8 @@ class Master:
         except (KeyError, ValueError):
             pass
         os.close(worker.pipe)
+        if worker.pid in self._handing_off:  # it exited before it could report
+            self._handoff_done(worker)
         self._account_exit(worker, usage)
         self.scoreboard.release(worker.slot)
         cause = describe_status(status)
@@ -531,9 +554,12 @@ class Master:
 
     def _swap_generation(self) -> None:
         assert self.pending is not None
+        handing_off = set()
         for worker in self.workers.values():
             if worker.generation != self.pending and not worker.retiring:
                 self._retire(worker)
+                if worker.settings.reload_handoff:  # it moves its connections, then reports
+                    handing_off.add(worker.pid)
         for text, listener in self.listeners.items():
             if text not in self._pending_listeners:
                 log.info("no longer listening on %s", listener.name)
@@ -549,6 +575,10 @@ class Master:
         self.num_workers = self.settings.workers
         self.restarts.clear()
         self.reload_status = {"status": "ok", "error": None, "time": time.time()}
+        self._handing_off = handing_off
+        if handing_off:
+            self.reload_status["handoff"] = {"moved": 0, "drained": 0, "failed": 0,
+                                             "pending": len(handing_off)}
         self.metrics.reloaded(ok=True)
         log.info("reload complete: generation %d serving", self.generation)
         systemd.notify(f"READY=1\nSTATUS=reloaded; generation {self.generation} serving")
@@ -600,7 +630,8 @@ class Master:
                        "generation": self.generation, "workers": self.num_workers,
                        "listening": [listener.name for listener in self.listeners.values()]},
             "workers": workers,
-            "reload": dict(self.reload_status),
+            "reload": {key: dict(value) if isinstance(value, dict) else value
+                       for key, value in self.reload_status.items()},
             "totals": self.metrics.totals(self),
         }
 

@@ -45,7 +45,11 @@ _SEQUENCE = struct.Struct("=Q")
 _COUNTERS = struct.Struct(f"=q{len(COUNTERS)}q")
 _SEQUENCE_AT = _SLOT.size
 _COUNTERS_AT = _SEQUENCE_AT + _SEQUENCE.size
-_SLOT_SIZE = _COUNTERS_AT + _COUNTERS.size
+# Last of all, the number of the worker's latest broadcast (written by the
+# worker at each broadcast when reload_handoff is on; see octopus.broadcast.ledger).
+_BROADCAST = struct.Struct("=q")
+_BROADCAST_AT = _COUNTERS_AT + _COUNTERS.size
+_SLOT_SIZE = _BROADCAST_AT + _BROADCAST.size
 _READ_TRIES = 100
 CAPACITY = 256
 # A worker may exceed the average by this many connections before it yields
@@ -102,8 +106,7 @@ class Scoreboard:
 
     def _clear_counters(self, index: int) -> None:
         at = self._offset(index) + _SEQUENCE_AT
-        self._mem[at:at + _SEQUENCE.size + _COUNTERS.size] = bytes(
-            _SEQUENCE.size + _COUNTERS.size)
+        self._mem[at:at + _SLOT_SIZE - _SEQUENCE_AT] = bytes(_SLOT_SIZE - _SEQUENCE_AT)
 
     def read(self, index: int) -> SlotView:
         return SlotView(index, *_SLOT.unpack_from(self._mem, self._offset(index)))
@@ -177,6 +180,23 @@ class Scoreboard:
             if other != index and mem[offset + _STATE_AT] != FREE:
                 found.append((other, struct.unpack_from("=i", mem, offset)[0]))
         return found
+
+    def views(self) -> list[SlotView]:
+        """Every claimed slot (booting, ready or retiring)."""
+        return [view for index in range(_HEADER.unpack_from(self._mem, 0)[0])
+                if (view := self.read(index)).state != FREE]
+
+    def set_broadcast_seq(self, index: int, seq: int) -> None:
+        _BROADCAST.pack_into(self._mem, self._offset(index) + _BROADCAST_AT, seq)
+
+    def broadcast_seq(self, index: int) -> int:
+        """The number of the slot's latest broadcast (read until two reads agree:
+        the field is not aligned, so one read may be torn)."""
+        at = self._offset(index) + _BROADCAST_AT
+        seq = _BROADCAST.unpack_from(self._mem, at)[0]
+        while (again := _BROADCAST.unpack_from(self._mem, at)[0]) != seq:
+            seq = again
+        return int(seq)
 
     def close(self) -> None:
         self._mem.close()

@@ -13,21 +13,30 @@ from __future__ import annotations
 
 import secrets
 import socket
+from typing import TYPE_CHECKING
 
 from octopus.config import Settings
 from octopus.scoreboard import Scoreboard
 from octopus.worker import Worker
 
+if TYPE_CHECKING:
+    from octopus.broadcast.local import LocalMesh
+
 
 def attach(worker: Worker, settings: Settings, board: Scoreboard | None = None,
-           slot: int = -1, namespace: str = "") -> None:
-    """Give ``worker`` the broadcast backend that ``settings.broadcast`` names."""
+           slot: int = -1, namespace: str = "") -> LocalMesh | None:
+    """Give ``worker`` the broadcast backend that ``settings.broadcast`` names;
+    return the mesh between the workers (None for a worker on its own)."""
+    mesh = None
     if board is not None:
+        from octopus.broadcast.ledger import Ledger
         from octopus.broadcast.local import LocalMesh
 
-        worker.broadcaster = LocalMesh(worker, board, slot, namespace).publish
+        ledger = Ledger(worker, board, slot) if settings.reload_handoff else None
+        mesh = LocalMesh(worker, board, slot, namespace, ledger)
+        worker.broadcaster = mesh.publish
     if settings.broadcast == "local":
-        return
+        return mesh
     from octopus.broadcast.redis import RedisBroadcast
 
     # One origin per server: its workers reach each other through the mesh
@@ -35,3 +44,4 @@ def attach(worker: Worker, settings: Settings, board: Scoreboard | None = None,
     origin = f"{socket.gethostname()}/{namespace or secrets.token_hex(8)}"
     worker.broadcaster = RedisBroadcast(worker, settings.broadcast, settings.broadcast_channel,
                                         local=worker.broadcaster, origin=origin).publish
+    return mesh

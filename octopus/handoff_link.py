@@ -1,0 +1,183 @@
+"""A link between two workers for hand-off: pickled messages with descriptors.
+
+Facts about ``AF_UNIX`` ``SOCK_SEQPACKET`` that this relies on:
+
+- it is reliable and ordered, and keeps message boundaries: one ``sendmsg``
+  is one ``recvmsg`` on the other side;
+- descriptors sent with ``SCM_RIGHTS`` arrive with the packet that carried
+  them (new descriptors for the same open files; ``MSG_CMSG_CLOEXEC`` marks
+  them close-on-exec as they arrive);
+- a packet must fit the sender's ``SO_SNDBUF``, and the receiver queues only
+  ``net.unix.max_dgram_qlen`` packets: a full queue is EAGAIN and EPOLLOUT
+  comes when the receiver reads;
+- recvmsg returns b"" with no ancillary data only at EOF: the peer closed
+  (or died), since every packet here has at least its flag byte.
+
+So a message longer than ``CHUNK`` goes as several packets, each led by a
+flag byte (``MORE`` or ``LAST``), and the descriptors ride on the first.
+Both sides are workers of one master (the listener checks ``SO_PEERCRED``),
+so the messages are pickles.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import pickle
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from octopus.loop import EPOLLIN, EPOLLOUT, Loop
+
+log = logging.getLogger("octopus.worker")
+
+CHUNK = 65536  # bytes of message per packet
+MAX_FDS = 253  # SCM_MAX_FD: descriptors one sendmsg may carry
+SNDBUF = 1 << 20
+READS_PER_EVENT = 64  # packets read per readiness event, so others get their turn
+MORE, LAST = b"\1", b"\0"
+VERSION = 1  # of the messages; workers of another octopus refuse each other
+_FD_SIZE = array.array("i").itemsize
+_UCRED = struct.Struct("3i")
+
+Message = dict[str, Any]
+
+
+def link_name(namespace: str, slot: int, pid: int) -> str:
+    """The abstract address of a worker's hand-off listener (gone with the process)."""
+    return f"\0octopus-handoff/{namespace}/{slot}/{pid}"
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, as of connect()."""
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  _UCRED.size))
+    return pid, uid, gid
+
+
+class Link:
+    """One connected SOCK_SEQPACKET socket: ``send()`` messages, get them in
+    ``on_message(link, message, fds)``; ``on_lost(link)`` once, at EOF or error."""
+
+    def __init__(self, loop: Loop, sock: socket.socket,
+                 on_message: Callable[[Link, Message, list[int]], None],
+                 on_lost: Callable[[Link], None],
+                 on_flushed: Callable[[], None] | None = None) -> None:
+        self.loop, self.sock, self.fd = loop, sock, sock.fileno()
+        self.on_message, self.on_lost, self.on_flushed = on_message, on_lost, on_flushed
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        except OSError:  # capped by net.core.wmem_max; the default fits a CHUNK too
+            pass
+        self.out: deque[tuple[bytes, memoryview, Sequence[int]]] = deque()
+        self.parts: list[bytes] = []  # packets of the message being received
+        self.received_fds: list[int] = []
+        self.watching = False
+        self.closed = False
+        loop.register(self.fd, EPOLLIN, self._on_events)
+
+    def send(self, message: Message, fds: Sequence[int] = ()) -> None:
+        """Queue ``message``; the ``fds`` are closed here once sent (pass copies)."""
+        if self.closed:
+            for fd in fds:
+                os.close(fd)
+            return
+        view = memoryview(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+        for at in range(0, len(view), CHUNK):
+            last = at + CHUNK >= len(view)
+            self.out.append((LAST if last else MORE, view[at:at + CHUNK],
+                             fds if at == 0 else ()))
+        self._write()
+
+    def sending(self) -> bool:
+        """Whether messages wait to be written."""
+        return bool(self.out)
+
+    def _write(self) -> None:
+        out = self.out
+        while out:
+            flag, chunk, fds = out[0]
+            ancillary = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                         if fds else [])
+            try:
+                self.sock.sendmsg([flag, chunk], ancillary)
+            except BlockingIOError:
+                self._watch(True)
+                return
+            except OSError as exc:
+                log.debug("hand-off link: %s", exc)
+                self.close()
+                return
+            out.popleft()
+            for fd in fds:
+                os.close(fd)
+        self._watch(False)
+        if self.on_flushed is not None:
+            self.on_flushed()
+
+    def _watch(self, writing: bool) -> None:
+        if writing != self.watching and not self.closed:
+            self.watching = writing
+            self.loop.modify(self.fd, EPOLLIN | (EPOLLOUT if writing else 0))
+
+    def _on_events(self, mask: int) -> None:
+        if mask & EPOLLOUT:
+            self._write()
+        if self.closed or not mask & ~EPOLLOUT:
+            return
+        for _ in range(READS_PER_EVENT):
+            if self.closed or not self._read():
+                return
+
+    def _read(self) -> bool:
+        """Take one packet; False when there is none (or the link is gone)."""
+        try:
+            data, ancillary, flags, _ = self.sock.recvmsg(
+                CHUNK + 1, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE), socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            log.debug("hand-off link: %s", exc)
+            self.close()
+            return False
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[:len(payload) - len(payload) % _FD_SIZE])
+                self.received_fds += fds.tolist()
+        if not data or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            self.close()  # EOF, or a packet we could not take whole
+            return False
+        self.parts.append(data[1:])
+        if data[:1] == LAST:
+            payload, self.parts = b"".join(self.parts), []
+            taken, self.received_fds = self.received_fds, []
+            try:
+                message = pickle.loads(payload)
+            except Exception:
+                log.warning("hand-off link: an unreadable message", exc_info=True)
+                for fd in taken:
+                    os.close(fd)
+                self.close()
+                return False
+            self.on_message(self, message, taken)
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.unregister(self.fd)
+        self.sock.close()
+        for _, _, fds in self.out:
+            for fd in fds:
+                os.close(fd)
+        self.out.clear()
+        for fd in self.received_fds:
+            os.close(fd)
+        self.received_fds = []
+        self.on_lost(self)
