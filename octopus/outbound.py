@@ -152,21 +152,13 @@ class Connector:
     def _setup(self, sock: socket.socket, address: Any, framer: Framer | None) -> None:
         """What ``send()``, ``disconnect()`` and the worker need before ``_start``."""
         conn, worker = self.conn, self.worker
-        conn._worker = worker
-        conn._sock = sock
-        conn._fd = sock.fileno()
+        conn._attach(worker, sock, address)
         conn._state = CONNECTING
         conn._connector = self
         conn._connected = True  # close() runs however it ends, connect() or not
-        conn._peer_done = False
-        conn._reason = "eof"
-        conn._corked = False
-        conn._wbuf = bytearray()
-        conn._idle_timer = None
         conn._framer = framer
         conn._events = 0
-        conn.address = address
-        conn.credentials = conn.tls = conn.proxied_by = None
+        conn.credentials = conn.tls = conn.proxied_by = None  # known once connected
         worker.connections[conn._fd] = conn
         worker.outbound.add(conn._fd)
 
