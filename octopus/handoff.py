@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 from octopus.connection import _PAUSED, CLOSED, OPEN, SocketConnection
 from octopus.evacuation import ANSWER_TIMEOUT, Evacuation
 from octopus.handoff_link import VERSION, Link, link_name, peer_credentials
-from octopus.loop import EPOLLIN, EPOLLOUT
+from octopus.loop import EPOLLIN, EPOLLOUT, accept_waiting
 
 if TYPE_CHECKING:
     from octopus.broadcast.ledger import Watermarks
@@ -122,14 +122,7 @@ class Handoff:
         return {view.pid for view in self.board.views()}
 
     def _accept(self, mask: int) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.warning("hand-off: accept failed: %s", exc)
-                return
+        for sock in accept_waiting(self.listener, "hand-off"):
             pid, uid, _ = peer_credentials(sock)
             if uid != os.getuid() or pid not in self.live_pids():
                 log.warning("hand-off: refusing a link from pid %d (uid %d): not a worker "

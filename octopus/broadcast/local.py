@@ -36,7 +36,7 @@ import socket
 import struct
 
 from octopus.broadcast.ledger import Key, Ledger
-from octopus.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
+from octopus.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, accept_waiting
 from octopus.scoreboard import Scoreboard
 from octopus.worker import Worker
 
@@ -242,14 +242,7 @@ class LocalMesh:
             inbound.on_readable(0)
 
     def _accept(self, mask: int) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.warning("broadcast: accept failed: %s", exc)
-                return
+        for sock in accept_waiting(self.listener, "broadcast"):
             sock.setblocking(False)
             _Inbound(self, sock)
 
