@@ -43,7 +43,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from octopus import control  # noqa: E402
+from octopus.supervisor import control  # noqa: E402
 
 APP = """
 from octopus import SocketConnection

@@ -15,8 +15,9 @@ from typing import IO, Any
 
 import click
 
-from octopus import __version__, config, control, logs, pidfile
+from octopus import __version__, config, logs
 from octopus.errors import OctopusError
+from octopus.supervisor import control, pidfile
 
 NOT_RUNNING = 3  # LSB: program is not running
 
@@ -80,7 +81,7 @@ def main() -> None:
 @settings_options
 def start(config_file: str | None, assignments: tuple[str, ...], **options: Any) -> None:
     """Start the master and its workers (in the foreground unless --daemon)."""
-    from octopus.master import Master
+    from octopus.supervisor.master import Master
 
     settings, overrides = load_settings(config_file, assignments, options)
     if not settings.app:
@@ -91,7 +92,7 @@ def start(config_file: str | None, assignments: tuple[str, ...], **options: Any)
         Master(settings, overrides=overrides, on_ready=on_ready).run()
 
     if settings.daemon:
-        from octopus.daemon import daemonize
+        from octopus.supervisor.daemon import daemonize
 
         daemonize(run, [])
     else:
@@ -231,8 +232,9 @@ def _echo_totals(totals: dict[str, Any]) -> None:
 @click.option("--app", metavar="MODULE:CLASS", help="The application to import.")
 def check(config_file: str | None, app: str | None) -> None:
     """Validate the configuration and import the application; bind nothing."""
-    from octopus import privileges, tls
     from octopus.importer import import_app, prepare_path
+    from octopus.supervisor import privileges
+    from octopus.transports import tls
 
     settings, _ = load_settings(config_file, options={"app": app})
     privileges.check(settings.user, settings.group)

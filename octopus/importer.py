@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 
-from octopus.connection import SocketConnection
+from octopus.core.connection import SocketConnection
 from octopus.errors import AppImportError
 
 

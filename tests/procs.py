@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from octopus import control
+from octopus.supervisor import control
 from tests.helpers import wait_until
 
 OCTOPUSD = shutil.which("octopusd") or str(Path(sys.executable).with_name("octopusd"))

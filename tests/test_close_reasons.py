@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from octopus import SocketConnection
-from octopus.counters import CLOSE_REASONS
+from octopus.core.counters import CLOSE_REASONS
 from tests.conftest import ThreadedServer
 from tests.helpers import LineClient, connect, recv_exactly, recv_until_closed, wait_until
 from tests.test_connection import WAYS, Commands

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import pytest
 
 from octopus import SocketConnection
-from octopus.listeners import has_ipv6
+from octopus.transports.listeners import has_ipv6
 from tests.conftest import ServerProcess, ThreadedServer
 from tests.helpers import (
     LineClient,

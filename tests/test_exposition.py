@@ -7,12 +7,13 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from octopus import SocketConnection, scoreboard
+from octopus import SocketConnection
 from octopus.config import DEFAULTS
-from octopus.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS, COUNTERS, by_name, collect
-from octopus.exposition import Family, render
-from octopus.scoreboard import Scoreboard
-from octopus.worker import Worker
+from octopus.core.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS, COUNTERS, by_name, collect
+from octopus.core.worker import Worker
+from octopus.supervisor import scoreboard
+from octopus.supervisor.exposition import Family, render
+from octopus.supervisor.scoreboard import Scoreboard
 
 
 def test_render_is_read_back_by_prometheus_parser() -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from octopus.framing import (
+from octopus.core.framing import (
     FRAMINGS,
     NEED_DATA,
     FrameError,
@@ -23,7 +23,7 @@ from octopus.framing import (
     RawFramer,
     make_framer,
 )
-from octopus.framing import drain as feed_and_drain
+from octopus.core.framing import drain as feed_and_drain
 
 MAX = 64
 

@@ -20,11 +20,11 @@ import pytest
 from octopus import SocketConnection, config
 from octopus.broadcast.ledger import Ledger
 from octopus.broadcast.local import LocalMesh
-from octopus.connection import CLOSED, OPEN
-from octopus.handoff import Handoff
-from octopus.loop import EPOLLIN
-from octopus.scoreboard import READY, Scoreboard
-from octopus.worker import Worker
+from octopus.core.connection import CLOSED, OPEN
+from octopus.core.handoff import Handoff
+from octopus.core.loop import EPOLLIN
+from octopus.core.worker import Worker
+from octopus.supervisor.scoreboard import READY, Scoreboard
 from tests.inloop import tcp_pair
 
 

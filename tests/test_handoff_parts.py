@@ -10,10 +10,10 @@ import pytest
 
 from octopus.broadcast import ledger as ledger_module
 from octopus.broadcast.ledger import Ledger
-from octopus.connection import CLOSED, OPEN
-from octopus.handoff_link import CHUNK, Link
-from octopus.loop import Loop
-from octopus.scoreboard import READY, Scoreboard
+from octopus.core.connection import CLOSED, OPEN
+from octopus.core.handoff_link import CHUNK, Link
+from octopus.core.loop import Loop
+from octopus.supervisor.scoreboard import READY, Scoreboard
 
 PEER = (1, 4242)  # a sender: (slot, pid)
 

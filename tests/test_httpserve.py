@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from octopus.httpserve import RequestServer, http_answer, http_server
+from octopus.supervisor.httpserve import RequestServer, http_answer, http_server
 from tests.helpers import connect, recv_until_closed, wait_until
 
 BIG = 4 * 1024 * 1024

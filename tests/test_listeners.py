@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from octopus import listeners
-from octopus.address import Address
 from octopus.errors import BindError
-from octopus.listeners import Listener, bind, bind_all, from_fd, has_ipv6
+from octopus.transports import listeners
+from octopus.transports.address import Address
+from octopus.transports.listeners import Listener, bind, bind_all, from_fd, has_ipv6
 
 needs_ipv6 = pytest.mark.skipif(not has_ipv6(),
                                 reason="this host has no IPv6 (cannot bind ::1)")

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from octopus.loop import EPOLLIN, EPOLLOUT, Loop
+from octopus.core.loop import EPOLLIN, EPOLLOUT, Loop
 from tests.helpers import wait_until
 
 

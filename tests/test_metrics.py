@@ -16,7 +16,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from octopus import control
+from octopus.supervisor import control
 from tests import procs
 from tests.helpers import connect, recv_until_closed, wait_until
 

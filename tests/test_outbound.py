@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from octopus import SocketConnection
-from octopus.listeners import has_ipv6
+from octopus.transports.listeners import has_ipv6
 from tests.helpers import recv_exactly
 from tests.inloop import InLoop
 

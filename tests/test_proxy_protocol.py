@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from octopus.framing import NEED_DATA
-from octopus.proxy_protocol import (
+from octopus.core.framing import NEED_DATA
+from octopus.transports.proxy_protocol import (
     V1_MAX,
     V2_MAX,
     V2_SIGNATURE,

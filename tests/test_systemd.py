@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from octopus import systemd
+from octopus.supervisor import systemd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ for target, source in enumerate(sources, start=3):
 os.environ["LISTEN_PID"] = str(os.getpid() + int(os.environ.pop("PID_OFFSET", "0")))
 os.environ["LISTEN_FDS"] = str(len(sources))
 from octopus.errors import BindError
-from octopus.systemd import listen_fds
+from octopus.supervisor.systemd import listen_fds
 try:
     found, error = listen_fds(), ""
 except BindError as exc:

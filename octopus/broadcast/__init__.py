@@ -16,8 +16,8 @@ import socket
 from typing import TYPE_CHECKING
 
 from octopus.config import Settings
-from octopus.scoreboard import Scoreboard
-from octopus.worker import Worker
+from octopus.core.worker import Worker
+from octopus.supervisor.scoreboard import Scoreboard
 
 if TYPE_CHECKING:
     from octopus.broadcast.local import LocalMesh

@@ -45,12 +45,12 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from octopus.connection import CLOSED
+from octopus.core.connection import CLOSED
 
 if TYPE_CHECKING:
-    from octopus.connection import SocketConnection
-    from octopus.scoreboard import Scoreboard
-    from octopus.worker import Worker
+    from octopus.core.connection import SocketConnection
+    from octopus.core.worker import Worker
+    from octopus.supervisor.scoreboard import Scoreboard
 
 log = logging.getLogger("octopus.worker")
 

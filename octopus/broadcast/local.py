@@ -36,9 +36,9 @@ import socket
 import struct
 
 from octopus.broadcast.ledger import Key, Ledger
-from octopus.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, accept_waiting
-from octopus.scoreboard import Scoreboard
-from octopus.worker import Worker
+from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, accept_waiting
+from octopus.core.worker import Worker
+from octopus.supervisor.scoreboard import Scoreboard
 
 log = logging.getLogger("octopus.worker")
 

@@ -29,8 +29,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from octopus.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
-from octopus.worker import Worker
+from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
+from octopus.core.worker import Worker
 
 log = logging.getLogger("octopus.worker")
 

@@ -1,7 +1,7 @@
 """The worker: one event loop serving one application on shared listening sockets.
 
 A worker knows nothing of processes: ``octopus.server`` runs one in the
-calling process and ``octopus.child`` runs one in each forked worker process.
+calling process and ``octopus.supervisor.child`` runs one in each forked worker process.
 
 Accepting:
 - Each readiness event accepts at most ``ACCEPT_BURST`` connections, so one
@@ -13,7 +13,7 @@ Accepting:
   worker) instead of the loop spinning on a level-triggered listener it
   cannot serve. It registers them again when a connection closes, and after
   ``RESOURCE_RETRY`` seconds in case descriptors were freed elsewhere.
-- Fair share (``balancer``, given by the master; see ``octopus.balance``): a
+- Fair share (``balancer``, given by the master; see ``octopus.supervisor.balance``): a
   worker holding more than its share unregisters its listeners and nudges the
   least-loaded peer, which accepts at once what waits in the backlog
   (EPOLLEXCLUSIVE may have woken no one else for it). A nudged worker below
@@ -33,16 +33,16 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from octopus.config import Settings
-from octopus.connection import SocketConnection
-from octopus.counters import CLOSE_REASONS
+from octopus.core.connection import SocketConnection
+from octopus.core.counters import CLOSE_REASONS
+from octopus.core.framing import FRAMINGS
+from octopus.core.loop import EPOLLEXCLUSIVE, EPOLLIN, Loop, Timer
+from octopus.core.threads import ThreadPool
 from octopus.errors import ConfigError
-from octopus.framing import FRAMINGS
-from octopus.loop import EPOLLEXCLUSIVE, EPOLLIN, Loop, Timer
-from octopus.preamble import ListenerPolicy, Preamble, listener_policy
-from octopus.threads import ThreadPool
+from octopus.transports.preamble import ListenerPolicy, Preamble, listener_policy
 
 if TYPE_CHECKING:
-    from octopus.balance import Balancer
+    from octopus.supervisor.balance import Balancer
 
 log = logging.getLogger("octopus.worker")
 app_log = logging.getLogger("octopus.app")
@@ -123,7 +123,7 @@ class Worker:
         self.messages_in = 0
         self.messages_out = 0
         self.accepted = 0
-        # Read by octopus.counters.collect at heartbeat time; plain integers,
+        # Read by octopus.core.counters.collect at heartbeat time; plain integers,
         # so counting costs an addition and touches no shared memory.
         self.bytes_in = 0
         self.bytes_out = 0

@@ -20,7 +20,7 @@ outbound one, connected or not)::
     CLOSING     output drained after peer's EOF      close the socket             CLOSED
     LINGER      peer's EOF, or linger time passes    close the socket             CLOSED
     OPEN        handed off (reload_handoff; see      stop reading, suspend(), the CLOSED
-                octopus.handoff)                     new worker resume()s it; no
+                octopus.core.handoff)                     new worker resume()s it; no
                                                      close() here
     any         reset, hook raised, idle timeout,    close the socket now         CLOSED
                 slow consumer, oversized message,
@@ -54,15 +54,15 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from octopus.framing import FrameError, MessageTooLarge, make_framer
-from octopus.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Timer
+from octopus.core.framing import FrameError, MessageTooLarge, make_framer
+from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Timer
 
 if TYPE_CHECKING:
-    from octopus.framing import Framer
-    from octopus.outbound import Connector
-    from octopus.preamble import Preamble
-    from octopus.tls import TLSInfo
-    from octopus.worker import Worker
+    from octopus.core.framing import Framer
+    from octopus.core.outbound import Connector
+    from octopus.core.worker import Worker
+    from octopus.transports.preamble import Preamble
+    from octopus.transports.tls import TLSInfo
 
 app_log = logging.getLogger("octopus.app")
 log = logging.getLogger("octopus.worker")
@@ -117,10 +117,10 @@ class SocketConnection:
     _fd: int
     _state: int
     _connected: bool
-    _connector: Connector | None  # set only on outbound connections (octopus.outbound)
+    _connector: Connector | None  # set only on outbound connections (octopus.core.outbound)
     _corked: bool
     _peer_done: bool
-    _reason: str  # why it is closing (octopus.counters.CLOSE_REASONS)
+    _reason: str  # why it is closing (octopus.core.counters.CLOSE_REASONS)
     _wbuf: bytearray
     _events: int
     _last_input: float
@@ -269,7 +269,7 @@ class SocketConnection:
         connected, its ``close()`` when it ends or the attempt fails (then
         with ``error`` set).
         """
-        from octopus.outbound import open_connection
+        from octopus.core.outbound import open_connection
 
         self._started("open_connection")
         return open_connection(self._worker, address, connection_class)
@@ -283,7 +283,7 @@ class SocketConnection:
         If ``function`` raises, ``then`` receives the exception object when
         ``exceptions=True``; otherwise it is logged and ends this connection.
         """
-        from octopus.threads import deliver_result
+        from octopus.core.threads import deliver_result
 
         self._started("run_in_thread")
         self._worker.threads.submit(
@@ -312,7 +312,7 @@ class SocketConnection:
 
     def _attach(self, worker: Worker, sock: socket.socket, address: Any) -> None:
         """Take ``sock`` as an OPEN connection of ``worker``, not yet registered
-        (``_start``, and ``octopus.handoff`` for a connection moved here)."""
+        (``_start``, and ``octopus.core.handoff`` for a connection moved here)."""
         self._worker = worker
         self._sock = sock
         self._fd = sock.fileno()

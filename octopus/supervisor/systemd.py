@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 
-from octopus.listeners import Listener, from_fd
+from octopus.transports.listeners import Listener, from_fd
 
 log = logging.getLogger("octopus.master")
 

@@ -1,7 +1,7 @@
 """Outbound connections: ``open_connection()`` on the worker's loop, never blocking it.
 
 The connection object exists from the start, in CONNECTING (see the lifecycle
-table in ``octopus.connection``), and a :class:`Connector` takes it to OPEN:
+table in ``octopus.core.connection``), and a :class:`Connector` takes it to OPEN:
 
 1. Where to: ``unix:PATH``, a numeric IPv4 or IPv6 address (used as is), or
    a host name, looked up with ``getaddrinfo`` in the worker's thread pool
@@ -33,17 +33,17 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from octopus.address import Address, parse_address
-from octopus.connection import CLOSED, CONNECTING, OPEN, SocketConnection
+from octopus.core.connection import CLOSED, CONNECTING, OPEN, SocketConnection
+from octopus.core.framing import FRAMINGS, make_framer
+from octopus.core.loop import EPOLLOUT
 from octopus.errors import ConfigError
-from octopus.framing import FRAMINGS, make_framer
-from octopus.loop import EPOLLOUT
+from octopus.transports.address import Address, parse_address
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from octopus.framing import Framer
-    from octopus.worker import Worker
+    from octopus.core.framing import Framer
+    from octopus.core.worker import Worker
 
 log = logging.getLogger("octopus.worker")
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from octopus import config
-from octopus.scoreboard import Scoreboard
+from octopus.supervisor.scoreboard import Scoreboard
 
 WORKER_BOOT_ERROR = 3  # the worker could not set itself up (privileges, listeners)
 APP_LOAD_ERROR = 4  # the application could not be imported
@@ -49,7 +49,7 @@ Target = Callable[[WorkerContext], None]
 
 def run_app(ctx: WorkerContext) -> None:
     """The default target: import ``settings.app`` in the worker and serve it."""
-    from octopus.child import run_app as child_run_app  # the worker's side only
+    from octopus.supervisor.child import run_app as child_run_app  # the worker's side only
 
     child_run_app(ctx)
 

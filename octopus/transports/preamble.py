@@ -26,15 +26,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from octopus.framing import NEED_DATA, Framer
-from octopus.loop import EPOLLIN, EPOLLOUT, Timer
-from octopus.proxy_protocol import ProxyHeaderError, ProxyHeaderParser
-from octopus.tls import Handshake, TLSError, TLSInfo, TLSLayer, make_context
+from octopus.core.framing import NEED_DATA, Framer
+from octopus.core.loop import EPOLLIN, EPOLLOUT, Timer
+from octopus.transports.proxy_protocol import ProxyHeaderError, ProxyHeaderParser
+from octopus.transports.tls import Handshake, TLSError, TLSInfo, TLSLayer, make_context
 
 if TYPE_CHECKING:
     from octopus.config import Settings
-    from octopus.connection import SocketConnection
-    from octopus.worker import Worker
+    from octopus.core.connection import SocketConnection
+    from octopus.core.worker import Worker
 
 log = logging.getLogger("octopus.worker")
 

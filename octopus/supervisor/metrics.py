@@ -1,7 +1,7 @@
 """What the master measures: ``/metrics``, ``/health`` and the counters of ``status``.
 
 Workers publish their counters to the scoreboard at heartbeat time (see
-``octopus.counters``); the master reads them when asked, and reads each
+``octopus.core.counters``); the master reads them when asked, and reads each
 worker's CPU time and resident memory from ``/proc/PID/stat`` and
 ``/proc/PID/statm`` at the same moment.
 
@@ -30,14 +30,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from octopus.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS, COUNTERS, by_name
-from octopus.exposition import CONTENT_TYPE, Family, render
-from octopus.httpserve import Route
-from octopus.scoreboard import STATE_NAMES
+from octopus.core.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS, COUNTERS, by_name
+from octopus.supervisor.exposition import CONTENT_TYPE, Family, render
+from octopus.supervisor.httpserve import Route
+from octopus.supervisor.scoreboard import STATE_NAMES
 
 if TYPE_CHECKING:
-    from octopus.master import Master
-    from octopus.process import WorkerProcess
+    from octopus.supervisor.master import Master
+    from octopus.supervisor.process import WorkerProcess
 
 RESTART_CAUSES = ("crashed", "boot_failed", "heartbeat")
 RELOAD_RESULTS = ("ok", "failed")

@@ -2,7 +2,7 @@
 
 A Unix stream socket beside the pidfile (``<pidfile>.ctl``, mode 0600): a
 client connects, sends ``status`` and a newline, and reads one JSON object
-until EOF. The master's selector drives it (``octopus.httpserve``), so a
+until EOF. The master's selector drives it (``octopus.supervisor.httpserve``), so a
 client that connects and sends nothing costs the master nothing but a
 descriptor until its deadline.
 """
@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from octopus.httpserve import RequestServer
+from octopus.supervisor.httpserve import RequestServer
 
 MAX_REQUEST = 256
 

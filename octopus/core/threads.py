@@ -21,13 +21,13 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from octopus.connection import CLOSED
+from octopus.core.connection import CLOSED
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    from octopus.connection import SocketConnection
-    from octopus.loop import Loop
+    from octopus.core.connection import SocketConnection
+    from octopus.core.loop import Loop
 
 app_log = logging.getLogger("octopus.app")
 

@@ -2,7 +2,7 @@
 
 The master never runs application code: it knows only a *target*, a
 function that a forked worker process runs with a :class:`WorkerContext`
-(``octopus.child.run_app`` imports the app in the worker, after fork).
+(``octopus.supervisor.child.run_app`` imports the app in the worker, after fork).
 
 Invariants:
 - Signal handlers only append to ``_signals``; ``signal.set_wakeup_fd``
@@ -31,13 +31,13 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from octopus import config, logs, pidfile, privileges, systemd, tls
-from octopus.control import ControlServer, control_path
+from octopus import config, logs
 from octopus.errors import AppImportError, OctopusError
-from octopus.httpserve import RequestServer, http_server
-from octopus.listeners import Listener, bind
-from octopus.metrics import MasterMetrics
-from octopus.process import (
+from octopus.supervisor import pidfile, privileges, systemd
+from octopus.supervisor.control import ControlServer, control_path
+from octopus.supervisor.httpserve import RequestServer, http_server
+from octopus.supervisor.metrics import MasterMetrics
+from octopus.supervisor.process import (
     APP_LOAD_ERROR,
     WORKER_BOOT_ERROR,
     Target,
@@ -48,7 +48,9 @@ from octopus.process import (
     run_app,
     set_title,
 )
-from octopus.scoreboard import RETIRING, STATE_NAMES, Scoreboard
+from octopus.supervisor.scoreboard import RETIRING, STATE_NAMES, Scoreboard
+from octopus.transports import tls
+from octopus.transports.listeners import Listener, bind
 
 log = logging.getLogger("octopus.master")
 

@@ -33,11 +33,11 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
-from octopus.loop import EPOLLIN
-from octopus.scoreboard import Scoreboard
+from octopus.core.loop import EPOLLIN
+from octopus.supervisor.scoreboard import Scoreboard
 
 if TYPE_CHECKING:
-    from octopus.worker import Worker
+    from octopus.core.worker import Worker
 
 
 def _name(namespace: str, slot: int) -> str:

@@ -37,7 +37,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final, NoReturn, TypeAlias
 
-from octopus.framing import NEED_DATA, NeedData
+from octopus.core.framing import NEED_DATA, NeedData
 
 __all__ = ["Address", "ProxyHeaderError", "ProxyHeaderParser", "ProxyInfo"]
 

@@ -28,12 +28,12 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from octopus.core.framing import FrameError
 from octopus.errors import ConfigError
-from octopus.framing import FrameError
 
 if TYPE_CHECKING:
     from octopus.config import Settings
-    from octopus.framing import Framer
+    from octopus.core.framing import Framer
 
 _VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}

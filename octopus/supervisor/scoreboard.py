@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from octopus.counters import COUNTERS
+from octopus.core.counters import COUNTERS
 
 FREE, BOOTING, READY, RETIRING = range(4)
 STATE_NAMES = ("free", "booting", "ready", "retiring")
@@ -40,7 +40,7 @@ _CONNECTIONS_AT = 32
 # Appended after the fields above, written by the worker at heartbeat time:
 # a sequence number (odd while the worker is writing, so the master can tell
 # a torn read and retry), 1 while the worker accepts, then the counters of
-# ``octopus.counters.COUNTERS`` in that order.
+# ``octopus.core.counters.COUNTERS`` in that order.
 _SEQUENCE = struct.Struct("=Q")
 _COUNTERS = struct.Struct(f"=q{len(COUNTERS)}q")
 _SEQUENCE_AT = _SLOT.size

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from octopus.loop import EPOLLIN, EPOLLOUT, Loop
+from octopus.core.loop import EPOLLIN, EPOLLOUT, Loop
 
 log = logging.getLogger("octopus.worker")
 

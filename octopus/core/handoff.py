@@ -13,7 +13,7 @@ that the scoreboard lists as this master's workers may connect
 (``SO_PEERCRED``): the messages carry pickles.
 
 The move, per connection, in two phases (the old worker's side, in batches,
-is ``octopus.evacuation``; this module is the new worker's)::
+is ``octopus.core.evacuation``; this module is the new worker's)::
 
     old worker                                   new worker
     stop reading it (no registration but HUP/
@@ -60,16 +60,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from octopus.connection import _PAUSED, CLOSED, OPEN, SocketConnection
-from octopus.evacuation import ANSWER_TIMEOUT, Evacuation
-from octopus.handoff_link import VERSION, Link, link_name, peer_credentials
-from octopus.loop import EPOLLIN, EPOLLOUT, accept_waiting
+from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
+from octopus.core.evacuation import ANSWER_TIMEOUT, Evacuation
+from octopus.core.handoff_link import VERSION, Link, link_name, peer_credentials
+from octopus.core.loop import EPOLLIN, EPOLLOUT, accept_waiting
 
 if TYPE_CHECKING:
     from octopus.broadcast.ledger import Watermarks
     from octopus.broadcast.local import LocalMesh
-    from octopus.scoreboard import Scoreboard
-    from octopus.worker import Worker
+    from octopus.core.worker import Worker
+    from octopus.supervisor.scoreboard import Scoreboard
 
 log = logging.getLogger("octopus.worker")
 app_log = logging.getLogger("octopus.app")

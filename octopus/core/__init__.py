@@ -1,0 +1,1 @@
+"""The event loop, connections, framing and the worker: one process serving one application."""

@@ -1,0 +1,1 @@
+"""The process model: the master, its worker processes, the scoreboard, control, systemd."""
