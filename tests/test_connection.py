@@ -107,8 +107,12 @@ class Commands(Recorded):
 
 
 def _served(address: str) -> socket.socket:
-    """A client that the server has accepted: one echo round trip done."""
-    sock = connect(address)
+    """A client that the server has accepted: one echo round trip done.
+
+    Its receive buffer is fixed small: the kernel would otherwise grow it (up
+    to tcp_rmem's maximum, 32 MiB on some hosts) and take a whole 16 MiB reply
+    that the slow-consumer cases need to stay pending in the server."""
+    sock = connect(address, rcvbuf=64 * 1024)
     sock.sendall(b"ping")
     assert recv_exactly(sock, 4) == b"ping"
     return sock
