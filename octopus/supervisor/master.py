@@ -5,8 +5,8 @@ function that a forked worker process runs with a :class:`WorkerContext`
 (``octopus.supervisor.child.run_app`` imports the app in the worker, after fork).
 
 Invariants:
-- Signal handlers only append to ``_signals``; ``signal.set_wakeup_fd``
-  wakes the master's ``select`` and the loop dispatches to ``handle_<name>``.
+- Signal handlers only record (``octopus.supervisor.signals``); the wakeup
+  fd interrupts the master's ``select`` and the loop dispatches to ``handle_<name>``.
 - Children are reaped in one place, ``reap_workers``.
 - The listening sockets stay open in the master for its whole life, so a
   connection attempt finds a listener whatever the workers are doing.
@@ -24,11 +24,8 @@ import resource
 import secrets
 import selectors
 import signal
-import socket
 import time
-from collections import deque
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from octopus import config, logs
@@ -49,6 +46,7 @@ from octopus.supervisor.process import (
     set_title,
 )
 from octopus.supervisor.scoreboard import RETIRING, STATE_NAMES, Scoreboard
+from octopus.supervisor.signals import SignalQueue
 from octopus.transports import tls
 from octopus.transports.listeners import Listener, bind
 
@@ -57,7 +55,6 @@ log = logging.getLogger("octopus.master")
 KILL_GRACE = 2.0  # seconds between SIGABRT/SIGTERM deadlines and SIGKILL
 QUICK_STOP = 2.0  # seconds workers get to close everything on a quick stop
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 30.0  # restart delays for workers that fail to boot
-SIGNALS = ("HUP", "TERM", "INT", "QUIT", "TTIN", "TTOU", "USR1", "CHLD")
 
 
 class Master:
@@ -86,13 +83,7 @@ class Master:
         self.reload_status: dict[str, Any] = {"status": "ok", "error": None, "time": None}
         self._handing_off: set[int] = set()  # pids of the last reload's workers yet to report
         self.started = time.time()
-        self._signals: deque[int] = deque(maxlen=64)
-        # Wakes the master's select: set_wakeup_fd writes signal numbers here.
-        self._wake_r, self._wake_w = socket.socketpair()
-        for sock in (self._wake_r, self._wake_w):
-            sock.setblocking(False)
-        self._old_handlers: dict[str, Any] = {}
-        self._old_wakeup_fd = -1
+        self._signals = SignalQueue()
         self._selector = selectors.DefaultSelector()
         self.scoreboard = Scoreboard()
         # Distinct even for masters with equal pids in separate pid namespaces.
@@ -120,7 +111,7 @@ class Master:
                 self.control = ControlServer(control_path(self.settings.pidfile),
                                              self._selector, self.snapshot)
                 self._servers.append(self.control.server)
-            self._install_signals()
+            self._signals.install(self._selector)
             set_title(f"octopusd: master [{self.settings.app or 'octopus'}]")
             log.info("master %d started; %d worker(s)", self.pid, self.num_workers)
             while True:
@@ -188,40 +179,15 @@ class Master:
             self.control.close()
         if created_pidfile and self.settings.pidfile:
             pidfile.remove(self.settings.pidfile)
-        self._restore_signals()
+        self._signals.restore()
         self._selector.close()
-
-    def _install_signals(self) -> None:
-        self._selector.register(self._wake_r, selectors.EVENT_READ, "wakeup")
-        self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(),
-                                                   warn_on_full_buffer=False)
-        self._old_handlers = {
-            name: signal.signal(getattr(signal, "SIG" + name), self._record) for name in SIGNALS
-        }
-
-    def _record(self, signum: int, frame: FrameType | None) -> None:
-        self._signals.append(signum)
-
-    def _restore_signals(self) -> None:
-        for name, handler in self._old_handlers.items():
-            signal.signal(getattr(signal, "SIG" + name), handler)
-        if self._old_handlers:
-            signal.set_wakeup_fd(self._old_wakeup_fd)
-        self._old_handlers = {}
-        self._wake_r.close()
-        self._wake_w.close()
 
     def request_stop(self, graceful: bool = True) -> None:
         """Stop as TERM (or INT) would; callable from another thread."""
-        self._signals.append(signal.SIGTERM if graceful else signal.SIGINT)
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:  # full (a wakeup is pending) or closed (stopped already)
-            pass
+        self._signals.put(signal.SIGTERM if graceful else signal.SIGINT)
 
     def _dispatch_signals(self) -> None:
-        while self._signals:
-            name = signal.Signals(self._signals.popleft()).name[3:].lower()
+        for name in self._signals.pop_names():
             getattr(self, f"handle_{name}")()
 
     def handle_chld(self) -> None:
@@ -260,14 +226,9 @@ class Master:
     def _wait(self) -> None:
         self.metrics.new_iteration()
         for key, mask in self._selector.select(self._next_timeout()):
-            if key.data == "wakeup":
-                try:
-                    self._wake_r.recv(4096)
-                except BlockingIOError:
-                    pass
-            elif isinstance(key.data, WorkerProcess):
+            if isinstance(key.data, WorkerProcess):
                 self._read_report(key.data)
-            else:  # a RequestServer's listener or client
+            else:  # the signal wakeup, a RequestServer's listener or client
                 key.data(mask)
         now = time.monotonic()
         for server in self._servers:
@@ -371,7 +332,7 @@ class Master:
         """In the forked child: shed the master's state, run the target, never return."""
         code = 0
         try:
-            self._restore_signals()
+            self._signals.restore()
             for key in list(self._selector.get_map().values()):
                 if isinstance(key.data, WorkerProcess):
                     os.close(key.fd)
