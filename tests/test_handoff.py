@@ -226,6 +226,9 @@ def test_what_cannot_move_stays_in_the_old_worker_and_is_counted(
     assert "Traceback" in log and "pickle" in log.lower()
     status = servers.run("status", "--pidfile", "octopusd.pid").stdout
     assert "hand-off: 1 moved, 1 drained, 2 failed" in status
+    # The same counts, kept across reloads, for /metrics.
+    totals = procs.status(tmp_path / "octopusd.pid")["totals"]
+    assert totals["handoff"] == {"moved": 1, "drained": 1, "failed": 2}
 
 
 # Every broadcast is numbered by the worker that sends it (pid:n), from 1.

@@ -272,6 +272,7 @@ class Master:
         log.info("worker %d (pid %d, generation %d) handed off its connections: %d moved, "
                  "%d drained, %d failed", worker.index, worker.pid, worker.generation,
                  counts.get("moved", 0), counts.get("drained", 0), counts.get("failed", 0))
+        self.metrics.handed_off(counts)
         handoff = self.reload_status.get("handoff")
         if worker.pid in self._handing_off and handoff is not None:
             for key in ("moved", "drained", "failed"):

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 RESTART_CAUSES = ("crashed", "boot_failed", "heartbeat")
 RELOAD_RESULTS = ("ok", "failed")
+HANDOFF_RESULTS = ("moved", "drained", "failed")
 PREFIX = "octopus_"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -81,6 +82,8 @@ class MasterMetrics:
     folded_cpu: dict[int, float] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_CAUSES, 0))
     reloads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RELOAD_RESULTS, 0))
+    # Connections retiring workers handed off (reload_handoff, TTOU), by outcome.
+    handoffs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HANDOFF_RESULTS, 0))
     _readings: dict[int, _Reading] = field(default_factory=dict)  # by pid
     _heartbeat_kills: set[int] = field(default_factory=set)  # pids
     # The page as rendered in this iteration of the master's loop: a flood of
@@ -121,6 +124,10 @@ class MasterMetrics:
 
     def reloaded(self, ok: bool) -> None:
         self.reloads["ok" if ok else "failed"] += 1
+
+    def handed_off(self, counts: dict[str, int]) -> None:
+        for result in HANDOFF_RESULTS:
+            self.handoffs[result] += counts.get(result, 0)
 
     def fold(self, master: Master, worker: WorkerProcess,
              usage: resource.struct_rusage | None) -> None:
@@ -207,6 +214,7 @@ class MasterMetrics:
             "cpu_seconds": round(sum(cpu.values()), 3),
             "worker_restarts": dict(self.restarts),
             "reloads": dict(self.reloads),
+            "handoff": dict(self.handoffs),
         }
 
     # -- /metrics --
@@ -226,6 +234,12 @@ class MasterMetrics:
         reloads = _family("reloads_total", "counter", "Reloads (SIGHUP), by result.")
         for result, count in self.reloads.items():
             reloads.add(count, result=result)
+        handoffs = _family("handoff_connections_total", "counter",
+                           "Connections of retiring workers (reload_handoff, TTOU), by outcome: "
+                           "moved to a live worker, drained (could not move: TLS, outbound, "
+                           "closing), failed (a move was tried and did not happen).")
+        for result, count in self.handoffs.items():
+            handoffs.add(count, result=result)
         healthy = _family("healthy", "gauge", "1 when /health answers 200, else 0.")
         healthy.add(int(self.health(master)[0]))
         generation = _family("generation", "gauge", "The generation of workers serving.")
@@ -235,8 +249,8 @@ class MasterMetrics:
         started = _family("master_start_time_seconds", "gauge",
                           "When the master started, in seconds since the epoch.")
         started.add(round(master.started, 3))
-        return [*families, cpu_family, restarts, reloads, healthy, generation, configured,
-                started]
+        return [*families, cpu_family, restarts, reloads, handoffs, healthy, generation,
+                configured, started]
 
     def _counter_families(self, counters: dict[int, list[int]]) -> list[Family]:
         position = {name: at for at, name in enumerate(COUNTERS)}
