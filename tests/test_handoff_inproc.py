@@ -72,7 +72,7 @@ class Pair:
 
     def serve(self, sock: socket.socket) -> SocketConnection:
         sock.setblocking(False)
-        self.old._open(sock, sock.getpeername())
+        self.old._open(sock.fileno(), sock.getpeername(), sock)
         return self.old.connections[sock.fileno()]
 
     def run_until(self, predicate: Callable[[], object], timeout: float = 5.0) -> None:

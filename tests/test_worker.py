@@ -1,7 +1,9 @@
-"""The worker's accepting: max_connections, and running out of descriptors."""
+"""The worker's accepting: the sockets it makes, max_connections, and running out of
+descriptors."""
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import time
@@ -19,6 +21,29 @@ def greeted(sock: socket.socket) -> bool:
     """True once the server's greeting arrived (the client was accepted)."""
     readable, _, _ = select.select([sock], [], [], 0)
     return bool(readable) and sock.recv(len(GREETING), socket.MSG_PEEK) == GREETING
+
+
+def test_accepted_tcp_sockets_are_non_blocking_with_nodelay_and_need_no_socket_object(
+        threaded_server: Callable[..., ThreadedServer]) -> None:
+    class App(SocketConnection):
+        seen: ClassVar[list[tuple[object, ...]]] = []
+
+        def receive(self, message: bytes) -> None:
+            # The message path reads and writes the descriptor: no socket object yet.
+            made_before = self._sock is not None
+            self.seen.append((made_before, os.get_blocking(self._fd),
+                              self._socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+            self.send(message)
+
+    server = threaded_server(App, framing="line")
+    client = connect(server.address)
+    try:
+        client.sendall(b"ping\n")
+        assert recv_exactly(client, 5) == b"ping\n"
+    finally:
+        client.close()
+    # TCP_NODELAY is set once on the listener; Linux copies it to each accepted socket.
+    assert App.seen == [(False, False, 1)]
 
 
 def test_max_connections_makes_new_clients_wait_until_one_leaves(

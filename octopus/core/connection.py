@@ -76,6 +76,12 @@ _ALL_BUT_OUT = ~EPOLLOUT
 # A peer that vanished: an ordinary close, not an error worth a traceback.
 _GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN})
 _UCRED = struct.Struct("3i")
+# Connection I/O goes through the descriptor: read() and write() on a stream
+# socket are recv() and send() without flags, and skip the socket object's
+# argument parsing and timeout logic. (SIGPIPE is ignored by Python, so a
+# write to a closed peer fails with EPIPE, as send() does.)
+_read = os.read
+_write = os.write
 
 
 class SocketConnection:
@@ -113,7 +119,9 @@ class SocketConnection:
     )
 
     _worker: Worker
-    _sock: socket.socket
+    # None on an accepted TCP connection until something needs the socket
+    # object (``_socket()``): the message path goes through ``_fd`` alone.
+    _sock: socket.socket | None
     _fd: int
     _state: int
     _connected: bool
@@ -182,7 +190,7 @@ class SocketConnection:
         if framer is not None:
             data = framer.frame(data)
         try:
-            sent = self._sock.send(data)
+            sent = _write(self._fd, data)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
@@ -292,9 +300,9 @@ class SocketConnection:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address!r} fd={self._fd}>"
 
-    def _start(self, worker: Worker, sock: socket.socket, address: Any,
+    def _start(self, worker: Worker, fd: int, address: Any, sock: socket.socket | None = None,
                preamble: Preamble | None = None) -> None:
-        self._attach(worker, sock, address)
+        self._attach(worker, fd, address, sock)
         if preamble is None:
             self.tls = self.proxied_by = None
         else:  # after a PROXY header or a TLS handshake
@@ -310,12 +318,13 @@ class SocketConnection:
         self._connected = True
         self._run_hook(self.connect)
 
-    def _attach(self, worker: Worker, sock: socket.socket, address: Any) -> None:
-        """Take ``sock`` as an OPEN connection of ``worker``, not yet registered
-        (``_start``, and ``octopus.core.handoff`` for a connection moved here)."""
+    def _attach(self, worker: Worker, fd: int, address: Any,
+                sock: socket.socket | None = None) -> None:
+        """Take the non-blocking stream socket ``fd`` (whose object ``sock`` is, if
+        made) as an OPEN connection of ``worker``, not yet registered (``_start``,
+        and ``octopus.core.handoff`` for a connection moved here)."""
         self._worker = worker
-        self._sock = sock
-        self._fd = sock.fileno()
+        self._fd = fd
         self._state = OPEN
         self._connected = False
         self._peer_done = False
@@ -324,11 +333,13 @@ class SocketConnection:
         self._wbuf = bytearray()
         self._idle_timer = None
         self.address = address
-        self.credentials = (
-            _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-            if type(address) is not tuple  # AF_UNIX: a path (str or bytes), not (host, port)
-            else None
-        )
+        if type(address) is tuple:  # TCP: (host, port, ...)
+            self._sock = sock
+            self.credentials = None
+        else:  # AF_UNIX: a path (str or bytes)
+            self._sock = sock = sock or socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+            self.credentials = _UCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
         framing = type(self).framing or worker.framing
         self._framer = (
             None if framing == "raw" else make_framer(framing, worker.max_message_size)
@@ -342,7 +353,7 @@ class SocketConnection:
                 # The hot path: read, then hand the bytes to the framer or,
                 # raw, straight to receive() (one read, one message).
                 try:
-                    data = self._sock.recv(RECV_SIZE)
+                    data = _read(self._fd, RECV_SIZE)
                 except BlockingIOError:
                     return
                 except OSError as exc:
@@ -402,7 +413,7 @@ class SocketConnection:
 
     def _on_linger_input(self) -> None:
         try:
-            data = self._sock.recv(RECV_SIZE)
+            data = _read(self._fd, RECV_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -418,11 +429,24 @@ class SocketConnection:
             if mask & (EPOLLOUT | EPOLLERR | EPOLLHUP):
                 self._flush()  # a dead peer fails the write
         elif mask & EPOLLERR:
-            code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            code = self._socket().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
                 self._lost(OSError(code, os.strerror(code)))
         # HUP alone (edge-triggered: once): the peer is done sending; its EOF
         # is read, after what it sent before, once reading resumes.
+
+    def _socket(self) -> socket.socket:
+        """The socket object, made on first need (it then owns the descriptor)."""
+        if self._sock is None:
+            self._sock = socket.socket(fileno=self._fd)
+        return self._sock
+
+    def _close_socket(self) -> None:
+        """Close the descriptor, through the socket object if one was made."""
+        if self._sock is None:
+            os.close(self._fd)
+        else:
+            self._sock.close()
 
     def _started(self, method: str) -> int:
         """The state; a clear error for a connection no worker has started."""
@@ -457,7 +481,7 @@ class SocketConnection:
 
     def _flush(self) -> None:
         try:
-            sent = self._sock.send(self._wbuf)
+            sent = _write(self._fd, self._wbuf)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -487,8 +511,8 @@ class SocketConnection:
     def _linger(self) -> None:
         try:
             if self.tls is not None:  # close_notify, then our FIN
-                self._sock.send(self._framer.close_notify())  # type: ignore[union-attr]
-            self._sock.shutdown(socket.SHUT_WR)
+                _write(self._fd, self._framer.close_notify())  # type: ignore[union-attr]
+            self._socket().shutdown(socket.SHUT_WR)
         except OSError:
             self._finish()
             return
@@ -544,7 +568,7 @@ class SocketConnection:
         # set: no EPOLL_CTL_DEL needed. (A socket about to be shared, as by a
         # hand-off, is unregistered explicitly before.)
         self._worker.loop.forget(self._fd)
-        self._sock.close()
+        self._close_socket()
         self._worker.connection_closed(self)
         if self._connected:
             try:

@@ -332,7 +332,7 @@ class Evacuation:
         conn._state = CLOSED
         conn._corked = False
         conn._wbuf.clear()
-        conn._sock.close()
+        conn._close_socket()
         # It stays in worker.connections (CLOSED: send() does nothing) until the
         # COMMIT is written: the worker exits once that table is empty.
         self.letting_go.append(conn)

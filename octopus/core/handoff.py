@@ -233,7 +233,7 @@ class _Taker:
                           "old worker", cls.__qualname__, exc_info=True)
             sock.close()
             return "state or constructor failed"
-        conn._attach(worker, sock, record["address"])
+        conn._attach(worker, sock.fileno(), record["address"], sock)
         conn.tls, conn.proxied_by = None, record["proxied_by"]
         if record["input"] and conn._framer is not None:
             conn._framer.feed(record["input"])
@@ -315,7 +315,7 @@ class _Taker:
         close() runs, since resume() did."""
         self.loop.unregister(conn._fd)
         conn._state = CLOSED
-        conn._sock.close()
+        conn._close_socket()
         try:
             conn.close()
         except Exception:

@@ -152,7 +152,7 @@ class Connector:
     def _setup(self, sock: socket.socket, address: Any, framer: Framer | None) -> None:
         """What ``send()``, ``disconnect()`` and the worker need before ``_start``."""
         conn, worker = self.conn, self.worker
-        conn._attach(worker, sock, address)
+        conn._attach(worker, sock.fileno(), address, sock)
         conn._state = CONNECTING
         conn._connector = self
         conn._connected = True  # close() runs however it ends, connect() or not
@@ -181,10 +181,10 @@ class Connector:
             return
         family, sockaddr = self._addresses.pop(0)
         try:
-            if not self._fresh or conn._sock.family != family:
+            if not self._fresh or conn._socket().family != family:
                 self._replace_socket(family)
             self._fresh = False
-            code = conn._sock.connect_ex(sockaddr)
+            code = conn._socket().connect_ex(sockaddr)
         except OSError as exc:  # no descriptor left, a Unix path too long ...
             code = exc.errno or errno.EINVAL
         if code in (0, errno.EINPROGRESS):
@@ -198,14 +198,14 @@ class Connector:
         worker.loop.unregister(conn._fd)
         worker.connections.pop(conn._fd, None)
         worker.outbound.discard(conn._fd)
-        conn._sock.close()
+        conn._socket().close()
         conn._sock, conn._fd = sock, sock.fileno()
         worker.connections[conn._fd] = conn
         worker.outbound.add(conn._fd)
 
     def _on_events(self, mask: int) -> None:
         conn = self.conn
-        code = conn._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        code = conn._socket().getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self.worker.loop.unregister(conn._fd)
         if code:
             self._failed(_reason(code))
@@ -228,12 +228,12 @@ class Connector:
     def _connected(self) -> None:
         conn = self.conn
         try:
-            peer = conn._sock.getpeername()
+            peer = conn._socket().getpeername()
         except OSError as exc:  # reset between the handshake and now
             self._failed(_reason(exc.errno or errno.ENOTCONN))
             return
         queued = conn._wbuf
-        conn._start(self.worker, conn._sock, peer)  # connect() runs here
+        conn._start(self.worker, conn._fd, peer, conn._sock)  # connect() runs here
         conn._connector = None
         if conn._state != OPEN:
             return

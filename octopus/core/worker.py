@@ -27,9 +27,12 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from fcntl import ioctl
+from termios import FIONBIO
 from typing import TYPE_CHECKING, Any
 
 from octopus.config import Settings
@@ -60,8 +63,10 @@ _SKIP_ACCEPT_ERRNOS = frozenset({
     errno.EPERM,  # a firewall rule refused it
     errno.EINTR,
 })
-# A listener's family, type, whether it is TCP, and what opens an accepted socket.
-_Accepting = tuple[int, int, bool, Callable[[socket.socket, Any], object]]
+# What opens an accepted descriptor (non-blocking already) and its peer's address.
+_Opener = Callable[[int, Any], object]
+# ioctl(FIONBIO)'s argument: one system call, where O_NONBLOCK by fcntl takes two.
+_NONBLOCKING = (1).to_bytes(4, sys.byteorder)
 
 # accept() errors that mean this process is out of a resource: pause accepting.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -86,19 +91,25 @@ class Worker:
             raise ConfigError(f"{connection_class.__qualname__}.framing: expected one of "
                               f"{', '.join(FRAMINGS)}, got {framing!r}")
         self.listeners = list(listeners)
-        # Per listener: its family and type (read once: the socket module's
-        # properties build enums at every access) and how it opens what it
-        # accepts: plain listeners straight into a SocketConnection, flagged
-        # ones through a Preamble (which loads the TLS certificate now, so a
-        # ConfigError comes before anything is created).
-        self._accepting: dict[socket.socket, _Accepting] = {}
+        # Per listener, how it opens what it accepts: plain listeners straight
+        # into a SocketConnection (TCP ones with no socket object at all),
+        # flagged ones through a Preamble (which loads the TLS certificate now,
+        # so a ConfigError comes before anything is created).
+        self._accepting: dict[socket.socket, _Opener] = {}
         flags_of = dict(zip(self.listeners, listener_flags, strict=False))
         for listener in self.listeners:
-            flags = flags_of.get(listener)
-            opener = (functools.partial(self._open_preamble, listener_policy(flags, settings))
-                      if flags else self._open)
+            # Read once: the socket module's properties build enums at every access.
             family, kind = int(listener.family), int(listener.type)
-            self._accepting[listener] = (family, kind, family != socket.AF_UNIX, opener)
+            if family != socket.AF_UNIX:
+                # Linux copies TCP_NODELAY from the listener to every socket
+                # accepted from it (the child is a clone of the listening sock):
+                # set once here, not once per connection.
+                listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            flags = flags_of.get(listener)
+            self._accepting[listener] = (
+                functools.partial(self._open_preamble, listener_policy(flags, settings),
+                                  family, kind)
+                if flags else self._open)
         self.loop = loop or Loop()
         self.connection_class = connection_class
         self.framing = settings.framing
@@ -216,7 +227,7 @@ class Worker:
     def _accept(self, listener: socket.socket, mask: int) -> int:
         """Accept up to ACCEPT_BURST connections; return how many were taken."""
         connections = self.connections
-        family, kind, tcp, open_connection = self._accepting[listener]
+        open_connection = self._accepting[listener]
         draining, self._draining = self._draining, False
         for taken in range(ACCEPT_BURST):
             if len(connections) >= self.max_connections:
@@ -242,11 +253,10 @@ class Worker:
                     return taken
                 raise
             self._short_of_resources = False
-            sock = socket.socket(family, kind, 0, fd)
-            sock.setblocking(False)
-            if tcp:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            open_connection(sock, address)
+            # accept4() without SOCK_NONBLOCK (the socket module offers no
+            # flag): make it non-blocking here. No socket object is made.
+            ioctl(fd, FIONBIO, _NONBLOCKING)
+            open_connection(fd, address)
             if self.balancer is not None:
                 self.balancer.publish(len(connections))
             if len(connections) > self.fair_limit and not draining:
@@ -256,24 +266,28 @@ class Worker:
                     return taken + 1
         return ACCEPT_BURST
 
-    def _open(self, sock: socket.socket, address: object,
+    def _open(self, fd: int, address: object, sock: socket.socket | None = None,
               preamble: Preamble | None = None) -> SocketConnection | None:
-        """Serve ``sock`` (non-blocking, TCP_NODELAY set) with a new connection."""
+        """Serve ``fd`` (non-blocking, TCP_NODELAY set; ``sock`` its object, if
+        one was made) with a new connection."""
         try:
             conn = self.connection_class()
         except Exception:
             app_log.error("Error in %s() constructor", self.connection_class.__qualname__,
                           exc_info=True)
-            sock.close()
+            if sock is None:
+                os.close(fd)
+            else:
+                sock.close()
             return None
-        self.connections[sock.fileno()] = conn
+        self.connections[fd] = conn
         self.accepted += 1
-        conn._start(self, sock, address, preamble)
+        conn._start(self, fd, address, sock, preamble)
         return conn
 
-    def _open_preamble(self, policy: ListenerPolicy, sock: socket.socket,
+    def _open_preamble(self, policy: ListenerPolicy, family: int, kind: int, fd: int,
                        address: object) -> None:
-        Preamble(self, policy, sock, address).begin()
+        Preamble(self, policy, socket.socket(family, kind, 0, fd), address).begin()
 
     def connection_closed(self, conn: SocketConnection) -> None:
         self.connections.pop(conn._fd, None)

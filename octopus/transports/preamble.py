@@ -217,7 +217,7 @@ class Preamble:
 
     def _finish(self) -> None:
         self._release()
-        conn = self.worker._open(self.sock, self.address, self)
+        conn = self.worker._open(self.fd, self.address, self.sock, self)
         if conn is None:
             return
         framer, early = conn._framer, self.early
