@@ -35,8 +35,8 @@ class InLoop:
         """Serve ``sock`` with a new ``cls``, as the worker does an accepted socket."""
         self.worker.connection_class = cls
         sock.setblocking(False)  # the worker's accept loop does this before _open()
-        self.worker._open(sock.fileno(), sock.getpeername() if sock.family != socket.AF_UNIX else "",
-                          sock)
+        address = sock.getpeername() if sock.family != socket.AF_UNIX else ""
+        self.worker._open(sock.fileno(), address, sock)
         conn = self.worker.connections[sock.fileno()]
         assert isinstance(conn, cls)
         return conn

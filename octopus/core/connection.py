@@ -54,6 +54,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from octopus.core import PURE_PYTHON
 from octopus.core.framing import FrameError, MessageTooLarge, make_framer
 from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Timer
 
@@ -79,9 +80,15 @@ _UCRED = struct.Struct("3i")
 # Connection I/O goes through the descriptor: read() and write() on a stream
 # socket are recv() and send() without flags, and skip the socket object's
 # argument parsing and timeout logic. (SIGPIPE is ignored by Python, so a
-# write to a closed peer fails with EPIPE, as send() does.)
-_read = os.read
-_write = os.write
+# write to a closed peer fails with EPIPE, as send() does.) The compiled
+# _fastio, where it was built, does the same holding the GIL.
+_read, _write = os.read, os.write
+if not PURE_PYTHON:
+    try:
+        from octopus.core._fastio import read as _read
+        from octopus.core._fastio import write as _write
+    except ImportError:
+        pass
 
 
 class SocketConnection:
