@@ -1,4 +1,4 @@
-"""The connection's read and write: os.read/os.write, or the compiled _fastio.
+"""octopus.core.fdio: accept, read and write in pure Python, or compiled (_fastio).
 
 Both must behave alike on non-blocking sockets; the rest of the suite runs
 once on each path (README: OCTOPUS_PURE_PYTHON=1 for the second run).
@@ -7,6 +7,7 @@ once on each path (README: OCTOPUS_PURE_PYTHON=1 for the second run).
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.util
 import os
 import select
@@ -15,10 +16,12 @@ import socket
 import sysconfig
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from octopus.core import PURE_PYTHON, connection
+from octopus.core import connection, fdio
 
 Read = Callable[[int, int], bytes]
 Write = Callable[[int, object], int]
@@ -49,19 +52,71 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     server.close()
 
 
+ACCEPTORS: list[tuple[str, Callable[[socket.socket], Callable[[], tuple[int, Any]]]]] = [
+    ("python", fdio.pure_acceptor)]
+if len(IMPLEMENTATIONS) > 1:
+    ACCEPTORS.append(("fastio", lambda listener: functools.partial(_fastio.accept,
+                                                                   listener.fileno())))
+
+
+@pytest.mark.parametrize("make_acceptor", [make for _, make in ACCEPTORS],
+                         ids=[name for name, _ in ACCEPTORS])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_accept_gives_a_non_blocking_descriptor_and_the_address_socket_accept_gives(
+        make_acceptor: Callable[[socket.socket], Callable[[], tuple[int, Any]]],
+        host: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.create_server((host, 0), family=family) as listener:
+        listener.setblocking(False)
+        accept = make_acceptor(listener)
+        with pytest.raises(BlockingIOError):
+            accept()
+        with socket.create_connection(listener.getsockname()[:2]) as client:
+            select.select([listener], [], [], 5)
+            fd, address = accept()
+            try:
+                assert address == client.getsockname()  # (host, port[, flowinfo, scope_id])
+                assert not os.get_blocking(fd)
+                assert not os.get_inheritable(fd)  # close-on-exec, as socket.accept()
+                os.write(fd, b"hi")
+                assert client.recv(2) == b"hi"
+            finally:
+                os.close(fd)
+
+
+def test_accept_on_a_unix_listener_gives_the_peer_path_as_socket_accept_does(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen()
+        listener.setblocking(False)
+        accept = fdio.acceptor(listener)  # the Python path, compiled or not
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+            fd, address = accept()
+            os.close(fd)
+    assert address == ""  # an unnamed client socket
+
+
 def compiler_present() -> bool:
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     return shutil.which(cc) is not None
 
 
-def test_the_connection_uses_the_compiled_path_where_it_was_built() -> None:
+def test_the_compiled_path_is_used_where_it_was_built() -> None:
     built = importlib.util.find_spec("octopus.core._fastio") is not None
     if compiler_present():
         assert built, "pip install should have built octopus.core._fastio with the compiler here"
-    if built and not PURE_PYTHON:
+    assert (built and not fdio.PURE_PYTHON) == fdio.COMPILED
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        accept = fdio.acceptor(listener)
+    if fdio.COMPILED:
         assert (connection._read, connection._write) == (_fastio.read, _fastio.write)
+        assert getattr(accept, "func", None) is _fastio.accept
     else:
         assert (connection._read, connection._write) == (os.read, os.write)
+        assert getattr(accept, "func", None) is None
 
 
 def test_read_returns_what_came_then_raises_blocking_then_eof(

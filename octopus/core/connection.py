@@ -54,7 +54,8 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from octopus.core import PURE_PYTHON
+from octopus.core.fdio import read as _read
+from octopus.core.fdio import write as _write
 from octopus.core.framing import FrameError, MessageTooLarge, make_framer
 from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Timer
 
@@ -77,18 +78,6 @@ _ALL_BUT_OUT = ~EPOLLOUT
 # A peer that vanished: an ordinary close, not an error worth a traceback.
 _GONE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN})
 _UCRED = struct.Struct("3i")
-# Connection I/O goes through the descriptor: read() and write() on a stream
-# socket are recv() and send() without flags, and skip the socket object's
-# argument parsing and timeout logic. (SIGPIPE is ignored by Python, so a
-# write to a closed peer fails with EPIPE, as send() does.) The compiled
-# _fastio, where it was built, does the same holding the GIL.
-_read, _write = os.read, os.write
-if not PURE_PYTHON:
-    try:
-        from octopus.core._fastio import read as _read
-        from octopus.core._fastio import write as _write
-    except ImportError:
-        pass
 
 
 class SocketConnection:

@@ -31,13 +31,12 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from fcntl import ioctl
-from termios import FIONBIO
 from typing import TYPE_CHECKING, Any
 
 from octopus.config import Settings
 from octopus.core.connection import SocketConnection
 from octopus.core.counters import CLOSE_REASONS
+from octopus.core.fdio import acceptor
 from octopus.core.framing import FRAMINGS
 from octopus.core.loop import EPOLLEXCLUSIVE, EPOLLIN, Loop, Timer
 from octopus.core.threads import ThreadPool
@@ -63,10 +62,9 @@ _SKIP_ACCEPT_ERRNOS = frozenset({
     errno.EPERM,  # a firewall rule refused it
     errno.EINTR,
 })
-# What opens an accepted descriptor (non-blocking already) and its peer's address.
-_Opener = Callable[[int, Any], object]
-# ioctl(FIONBIO)'s argument: one system call, where O_NONBLOCK by fcntl takes two.
-_NONBLOCKING = (1).to_bytes(4, sys.byteorder)
+# A listener's acceptor (octopus.core.fdio), and what opens an accepted
+# descriptor (non-blocking already) with its peer's address.
+_Accepting = tuple[Callable[[], tuple[int, Any]], Callable[[int, Any], object]]
 
 # accept() errors that mean this process is out of a resource: pause accepting.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -95,7 +93,7 @@ class Worker:
         # into a SocketConnection (TCP ones with no socket object at all),
         # flagged ones through a Preamble (which loads the TLS certificate now,
         # so a ConfigError comes before anything is created).
-        self._accepting: dict[socket.socket, _Opener] = {}
+        self._accepting: dict[socket.socket, _Accepting] = {}
         flags_of = dict(zip(self.listeners, listener_flags, strict=False))
         for listener in self.listeners:
             # Read once: the socket module's properties build enums at every access.
@@ -106,10 +104,10 @@ class Worker:
                 # set once here, not once per connection.
                 listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             flags = flags_of.get(listener)
-            self._accepting[listener] = (
+            self._accepting[listener] = (acceptor(listener), (
                 functools.partial(self._open_preamble, listener_policy(flags, settings),
                                   family, kind)
-                if flags else self._open)
+                if flags else self._open))
         self.loop = loop or Loop()
         self.connection_class = connection_class
         self.framing = settings.framing
@@ -227,7 +225,7 @@ class Worker:
     def _accept(self, listener: socket.socket, mask: int) -> int:
         """Accept up to ACCEPT_BURST connections; return how many were taken."""
         connections = self.connections
-        open_connection = self._accepting[listener]
+        accept, open_connection = self._accepting[listener]
         draining, self._draining = self._draining, False
         for taken in range(ACCEPT_BURST):
             if len(connections) >= self.max_connections:
@@ -235,8 +233,7 @@ class Worker:
                 self.pause_accepting()
                 return taken
             try:
-                # What socket.accept() does, without its per-call enum lookups.
-                fd, address = listener._accept()  # type: ignore[attr-defined]
+                fd, address = accept()
             except BlockingIOError:
                 return taken
             except OSError as exc:
@@ -253,9 +250,6 @@ class Worker:
                     return taken
                 raise
             self._short_of_resources = False
-            # accept4() without SOCK_NONBLOCK (the socket module offers no
-            # flag): make it non-blocking here. No socket object is made.
-            ioctl(fd, FIONBIO, _NONBLOCKING)
             open_connection(fd, address)
             if self.balancer is not None:
                 self.balancer.publish(len(connections))
