@@ -60,6 +60,7 @@ class ServerSpec:
     kind: str = "echo"  # "echo", "broadcast" or "tls" (echo over TLS)
     octopus: bool = False  # needs the octopus package; with workers > 1 a master forks them
     max_workers: int = 64  # a single-process server has 1: it runs one process at any count
+    env: tuple[tuple[str, str], ...] = ()  # added to the environment it starts in
 
 
 def octopusd(app: str) -> tuple[str, ...]:
@@ -77,6 +78,9 @@ SERVERS: dict[str, ServerSpec] = {
         ServerSpec("epoll", (PY, str(PEERS / "epoll_echo.py"))),
         ServerSpec("octopus", (PY, str(PEERS / "octopus_echo.py"), "--framing", "raw"),
                    octopus=True),
+        # The pure-Python path even where octopus.core._fastio was built.
+        ServerSpec("octopus-pure", (PY, str(PEERS / "octopus_echo.py"), "--framing", "raw"),
+                   octopus=True, env=(("OCTOPUS_PURE_PYTHON", "1"),)),
         ServerSpec("octopus-line", (PY, str(PEERS / "octopus_echo.py"), "--framing", "line"),
                    octopus=True),
         ServerSpec("octopusd", octopusd("octopus_echo:Echo"), octopus=True),
@@ -97,8 +101,8 @@ SERVERS: dict[str, ServerSpec] = {
     )
 }
 # The servers of the default matrix (run.py without --servers).
-MATRIX = ("c", "asyncio", "uvloop", "epoll", "octopus", "octopus-line", "asyncio-bcast",
-          "octopus-bcast", "octopus-redis")
+MATRIX = ("c", "asyncio", "uvloop", "epoll", "octopus", "octopus-pure", "octopus-line",
+          "asyncio-bcast", "octopus-bcast", "octopus-redis")
 
 
 def build(programs: dict[str, CProgram] = C_PROGRAMS, cc: str = "cc") -> None:
@@ -213,7 +217,8 @@ class Server:
             argv = ["taskset", "-c", self.cpus, *argv]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, start_new_session=True)
+                                         stderr=log, start_new_session=True,
+                                         env={**os.environ, **dict(self.spec.env)})
         end = time.monotonic() + deadline
         while time.monotonic() < end:
             if self.proc.poll() is not None:
