@@ -40,6 +40,17 @@ as_fd(PyObject *obj)
     return (int)fd;
 }
 
+/* The descriptor of a call that takes two arguments, the first one it. */
+static int
+fd_argument(PyObject *const *args, Py_ssize_t nargs, const char *usage)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s takes 2 arguments", usage);
+        return -1;
+    }
+    return as_fd(args[0]);
+}
+
 /* -1 with an exception set, or 0 to try the call again (EINTR, and no
  * signal handler raised). */
 static int
@@ -57,11 +68,7 @@ fail(void)
 static PyObject *
 fastio_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "read(fd, size) takes 2 arguments");
-        return NULL;
-    }
-    int fd = as_fd(args[0]);
+    int fd = fd_argument(args, nargs, "read(fd, size)");
     if (fd == -1 && PyErr_Occurred()) {
         return NULL;
     }
@@ -87,11 +94,7 @@ fastio_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 fastio_write(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "write(fd, data) takes 2 arguments");
-        return NULL;
-    }
-    int fd = as_fd(args[0]);
+    int fd = fd_argument(args, nargs, "write(fd, data)");
     if (fd == -1 && PyErr_Occurred()) {
         return NULL;
     }
