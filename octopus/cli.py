@@ -81,7 +81,7 @@ def main() -> None:
 @settings_options
 def start(config_file: str | None, assignments: tuple[str, ...], **options: Any) -> None:
     """Start the master and its workers (in the foreground unless --daemon)."""
-    from octopus.supervisor.master import Master
+    from octopus.master import Master
 
     settings, overrides = load_settings(config_file, assignments, options)
     if not settings.app:

@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from octopus.core.address import Address, parse_address, parse_bind
 from octopus.errors import ConfigError
-from octopus.transports.address import Address, parse_address, parse_bind
 
 Parser = Callable[[object], object]
 

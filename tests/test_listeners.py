@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from octopus.core.address import Address
 from octopus.errors import BindError
 from octopus.transports import listeners
-from octopus.transports.address import Address
 from octopus.transports.listeners import Listener, bind, bind_all, from_fd, has_ipv6
 
 needs_ipv6 = pytest.mark.skipif(not has_ipv6(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from octopus.supervisor.scoreboard import BOOTING, FAIR_SLACK, FREE, READY, RETIRING, Scoreboard
+from octopus.coordination.scoreboard import BOOTING, FAIR_SLACK, FREE, READY, RETIRING, Scoreboard
 
 
 def ready_board(counts: list[int]) -> tuple[Scoreboard, list[int]]:

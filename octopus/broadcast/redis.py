@@ -29,8 +29,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from octopus.broadcast.host import BroadcastHost
 from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
-from octopus.core.worker import Worker
 
 log = logging.getLogger("octopus.worker")
 
@@ -41,7 +41,7 @@ MAX_PENDING = 64 * 1024 * 1024  # unsent PUBLISH bytes before we drop them while
 
 
 class RedisBroadcast:
-    def __init__(self, worker: Worker, url: str, channel: str,
+    def __init__(self, worker: BroadcastHost, url: str, channel: str,
                  local: Callable[[bytes], None], origin: str) -> None:
         self.worker, self.loop, self.url, self.channel = worker, worker.loop, url, channel
         self.local = local  # delivers to this whole server

@@ -20,7 +20,7 @@ outbound one, connected or not)::
     CLOSING     output drained after peer's EOF      close the socket             CLOSED
     LINGER      peer's EOF, or linger time passes    close the socket             CLOSED
     OPEN        handed off (reload_handoff; see      stop reading, suspend(), the CLOSED
-                octopus.core.handoff)                     new worker resume()s it; no
+                octopus.handoff.handoff)                     new worker resume()s it; no
                                                      close() here
     any         reset, hook raised, idle timeout,    close the socket now         CLOSED
                 slow consumer, oversized message,
@@ -61,10 +61,8 @@ from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Timer
 
 if TYPE_CHECKING:
     from octopus.core.framing import Framer
+    from octopus.core.host import Host, Preamble, TLSDetails
     from octopus.core.outbound import Connector
-    from octopus.core.worker import Worker
-    from octopus.transports.preamble import Preamble
-    from octopus.transports.tls import TLSInfo
 
 app_log = logging.getLogger("octopus.app")
 log = logging.getLogger("octopus.worker")
@@ -114,7 +112,7 @@ class SocketConnection:
         "tls",
     )
 
-    _worker: Worker
+    _worker: Host
     # None on an accepted TCP connection until something needs the socket
     # object (``_socket()``): the message path goes through ``_fd`` alone.
     _sock: socket.socket | None
@@ -132,7 +130,7 @@ class SocketConnection:
     _framer: Framer | None
     address: Any
     credentials: tuple[int, int, int] | None
-    tls: TLSInfo | None  # on TLS listeners: version, cipher, ALPN, SNI, client certificate
+    tls: TLSDetails | None  # on TLS listeners: version, cipher, ALPN, SNI, client certificate
     proxied_by: Any  # on proxy listeners: the balancer's address (``address`` is the client's)
 
     def connect(self) -> None:
@@ -296,7 +294,7 @@ class SocketConnection:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address!r} fd={self._fd}>"
 
-    def _start(self, worker: Worker, fd: int, address: Any, sock: socket.socket | None = None,
+    def _start(self, worker: Host, fd: int, address: Any, sock: socket.socket | None = None,
                preamble: Preamble | None = None) -> None:
         self._attach(worker, fd, address, sock)
         if preamble is None:
@@ -314,11 +312,11 @@ class SocketConnection:
         self._connected = True
         self._run_hook(self.connect)
 
-    def _attach(self, worker: Worker, fd: int, address: Any,
+    def _attach(self, worker: Host, fd: int, address: Any,
                 sock: socket.socket | None = None) -> None:
         """Take the non-blocking stream socket ``fd`` (whose object ``sock`` is, if
         made) as an OPEN connection of ``worker``, not yet registered (``_start``,
-        and ``octopus.core.handoff`` for a connection moved here)."""
+        and ``octopus.handoff.handoff`` for a connection moved here)."""
         self._worker = worker
         self._fd = fd
         self._state = OPEN

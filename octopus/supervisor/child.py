@@ -6,7 +6,7 @@ Signals from the master (handled in the worker's loop, between callbacks):
     INT, QUIT   quick stop: close every connection now, then exit
     USR2        retire: stop accepting; serve open connections until they end
                 or graceful_timeout passes, then exit (with reload_handoff,
-                first move them to the live workers: octopus.core.handoff)
+                first move them to the live workers: octopus.handoff.handoff)
     USR1        reopen log files
     HUP         ignored (reload is the master's business)
     ABRT        sent by the master when the heartbeat stops: faulthandler
@@ -23,15 +23,15 @@ import sys
 from octopus import broadcast, logs
 from octopus.broadcast import local as _local  # noqa: F401  (see drop_privileges)
 from octopus.config import Settings
+from octopus.coordination.balance import Balancer
+from octopus.coordination.scoreboard import READY, RETIRING
 from octopus.core.connection import SocketConnection
 from octopus.core.counters import collect
-from octopus.core.handoff import Handoff
-from octopus.core.worker import Worker
+from octopus.handoff.handoff import Handoff
 from octopus.importer import import_app, prepare_path
 from octopus.supervisor import privileges
-from octopus.supervisor.balance import Balancer
 from octopus.supervisor.process import Target, WorkerContext
-from octopus.supervisor.scoreboard import READY, RETIRING
+from octopus.worker import Worker
 
 HEARTBEAT_INTERVAL = 0.1  # seconds between scoreboard writes from the loop
 

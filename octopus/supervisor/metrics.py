@@ -28,16 +28,28 @@ import os
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from octopus.coordination.scoreboard import STATE_NAMES
 from octopus.core.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS, COUNTERS, by_name
 from octopus.supervisor.exposition import CONTENT_TYPE, Family, render
 from octopus.supervisor.httpserve import Route
-from octopus.supervisor.scoreboard import STATE_NAMES
 
 if TYPE_CHECKING:
-    from octopus.supervisor.master import Master
+    from octopus.coordination.scoreboard import Scoreboard
     from octopus.supervisor.process import WorkerProcess
+
+
+class Master(Protocol):
+    """What metrics read of the master (``octopus.master.Master``, a layer above)."""
+
+    scoreboard: Scoreboard
+    workers: dict[int, WorkerProcess]
+    generation: int
+    num_workers: int
+    started: float  # wall clock
+    stopping: bool
+
 
 RESTART_CAUSES = ("crashed", "boot_failed", "heartbeat")
 RELOAD_RESULTS = ("ok", "failed")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from octopus import config
-from octopus.supervisor.scoreboard import Scoreboard
+from octopus.coordination.scoreboard import Scoreboard
 
 WORKER_BOOT_ERROR = 3  # the worker could not set itself up (privileges, listeners)
 APP_LOAD_ERROR = 4  # the application could not be imported

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from octopus.core.address import Address, parse_address
 from octopus.errors import BindError
-from octopus.transports.address import Address, parse_address
 
 # Errno policy for bind()/listen(): the errnos a user can cause, spelled the
 # way the one-line message says them. Any other errno is reported with its

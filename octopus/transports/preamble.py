@@ -24,22 +24,33 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from octopus.core.framing import NEED_DATA, Framer
-from octopus.core.loop import EPOLLIN, EPOLLOUT, Timer
+from octopus.core.loop import EPOLLIN, EPOLLOUT, Loop, Timer
 from octopus.transports.proxy_protocol import ProxyHeaderError, ProxyHeaderParser
 from octopus.transports.tls import Handshake, TLSError, TLSInfo, TLSLayer, make_context
 
 if TYPE_CHECKING:
     from octopus.config import Settings
     from octopus.core.connection import SocketConnection
-    from octopus.core.worker import Worker
 
 log = logging.getLogger("octopus.worker")
 
 RECV_SIZE = 65536
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Opener(Protocol):
+    """What a preamble needs of its worker (``octopus.worker.Worker``)."""
+
+    loop: Loop
+    preambles: dict[int, Preamble]  # in progress, by fd
+    closes: dict[str, int]
+
+    def _open(self, fd: int, address: object, sock: socket.socket | None = None,
+              preamble: Preamble | None = None) -> SocketConnection | None:
+        """Hand the connection, its preamble done, to the application."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ class _Early:
 class Preamble:
     """One accepted socket on its way through the PROXY header and the TLS handshake."""
 
-    def __init__(self, worker: Worker, policy: ListenerPolicy, sock: socket.socket,
+    def __init__(self, worker: Opener, policy: ListenerPolicy, sock: socket.socket,
                  peer: Any) -> None:
         self.worker, self.policy, self.sock = worker, policy, sock
         self.fd = sock.fileno()

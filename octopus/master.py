@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from octopus import config, logs
+from octopus.coordination.scoreboard import RETIRING, STATE_NAMES, Scoreboard
 from octopus.errors import AppImportError, OctopusError
 from octopus.supervisor import pidfile, privileges, systemd
 from octopus.supervisor.control import ControlServer, control_path
@@ -45,7 +46,6 @@ from octopus.supervisor.process import (
     run_app,
     set_title,
 )
-from octopus.supervisor.scoreboard import RETIRING, STATE_NAMES, Scoreboard
 from octopus.supervisor.signals import SignalQueue
 from octopus.transports import tls
 from octopus.transports.listeners import Listener, bind

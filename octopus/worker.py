@@ -13,7 +13,7 @@ Accepting:
   worker) instead of the loop spinning on a level-triggered listener it
   cannot serve. It registers them again when a connection closes, and after
   ``RESOURCE_RETRY`` seconds in case descriptors were freed elsewhere.
-- Fair share (``balancer``, given by the master; see ``octopus.supervisor.balance``): a
+- Fair share (``balancer``, given by the master; see ``octopus.coordination.balance``): a
   worker holding more than its share unregisters its listeners and nudges the
   least-loaded peer, which accepts at once what waits in the backlog
   (EPOLLEXCLUSIVE may have woken no one else for it). A nudged worker below
@@ -44,7 +44,7 @@ from octopus.errors import ConfigError
 from octopus.transports.preamble import ListenerPolicy, Preamble, listener_policy
 
 if TYPE_CHECKING:
-    from octopus.supervisor.balance import Balancer
+    from octopus.coordination.balance import Balancer
 
 log = logging.getLogger("octopus.worker")
 app_log = logging.getLogger("octopus.app")
