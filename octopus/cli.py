@@ -234,11 +234,12 @@ def check(config_file: str | None, app: str | None) -> None:
     """Validate the configuration and import the application; bind nothing."""
     from octopus.importer import import_app, prepare_path
     from octopus.supervisor import privileges
-    from octopus.transports import tls
+    from octopus.transports import tls, websocket
 
     settings, _ = load_settings(config_file, options={"app": app})
     privileges.check(settings.user, settings.group)
     tls.check(settings)
+    websocket.check(settings)
     prepare_path(settings.chdir, settings.pythonpath)
     cls = import_app(settings.app)
     click.echo(f"ok: {settings.app} ({cls.__module__}.{cls.__qualname__}), "

@@ -240,9 +240,9 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
     ("Listening", (
         Setting("bind", _bind, ["127.0.0.1:9876"],
                 "Addresses to listen on: HOST:PORT, [IPV6]:PORT, a port number, unix:PATH "
-                'or fd://N, each optionally followed by the flags "tls" and "proxy" '
-                '("0.0.0.0:9443 proxy tls"). A list or one address; sockets passed by '
-                "systemd (LISTEN_FDS) take its place.", "ADDR", multiple=True),
+                'or fd://N, each optionally followed by the flags "tls", "proxy" and '
+                '"ws" ("0.0.0.0:9443 proxy tls", "0.0.0.0:8080 ws"). A list or one address; '
+                "sockets passed by systemd (LISTEN_FDS) take its place.", "ADDR", multiple=True),
         Setting("backlog", _positive_int, 2048,
                 "Listen backlog: connections the kernel queues before they are accepted.",
                 "N"),
@@ -356,6 +356,29 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("proxy_timeout", _seconds(positive=True), 5,
                 "Seconds a client gets to send its PROXY header.", "SECONDS"),
     )),
+    ("WebSocket", (
+        Setting("ws_subprotocols", _names, [],
+                'Subprotocols the listeners flagged "ws" accept, in the server\'s order of '
+                "preference; the first one the client offers is chosen. A client that "
+                "offers none is served without one.", "NAME", multiple=True),
+        Setting("ws_origins", _names, [],
+                "Origin header values allowed to open a WebSocket (others get 403); empty "
+                "allows any. Requests without an Origin (clients that are not browsers) "
+                "are allowed.", "ORIGIN", multiple=True),
+        Setting("ws_ping_interval", _seconds(positive=False), 20,
+                "Seconds between the server's pings on an open WebSocket; 0 never pings.",
+                "SECONDS"),
+        Setting("ws_ping_timeout", _seconds(positive=True), 20,
+                "Seconds to wait for the pong before the connection is closed as dead.",
+                "SECONDS"),
+        Setting("ws_close_timeout", _seconds(positive=True), 10,
+                "Seconds a WebSocket the server closes waits for the peer's close frame "
+                "and EOF.", "SECONDS"),
+        Setting("ws_compression", _choice("off", "deflate"), "off",
+                '"off" or "deflate" (permessage-deflate, 12-bit windows). With '
+                "reload_handoff, compressed connections drain with close code 1012 "
+                "instead of moving.", "off|deflate"),
+    )),
     ("Metrics", (
         Setting("metrics_bind", _optional(_address), None,
                 "Address where the master serves GET /metrics (Prometheus text format) "
@@ -436,6 +459,12 @@ class Settings:
     tls_handshake_timeout: float
     proxy_trusted: tuple[str, ...]
     proxy_timeout: float
+    ws_subprotocols: tuple[str, ...]
+    ws_origins: tuple[str, ...]
+    ws_ping_interval: float
+    ws_ping_timeout: float
+    ws_close_timeout: float
+    ws_compression: str
     metrics_bind: str | None
     # Not a user setting: the file load() read (absolute), for reload to read again.
     config_file: str | None = None

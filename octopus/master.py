@@ -47,7 +47,7 @@ from octopus.supervisor.process import (
     set_title,
 )
 from octopus.supervisor.signals import SignalQueue
-from octopus.transports import tls
+from octopus.transports import tls, websocket
 from octopus.transports.listeners import Listener, bind
 
 log = logging.getLogger("octopus.master")
@@ -100,6 +100,7 @@ class Master:
         try:
             privileges.check(self.settings.user, self.settings.group)
             tls.check(self.settings)
+            websocket.check(self.settings)
             if self.settings.pidfile:
                 # Before binding: a second start on a live pidfile is "already
                 # running", not "address already in use".
@@ -493,6 +494,7 @@ class Master:
             if settings.config_file is not None:
                 settings = config.load(settings.config_file, self.overrides)
             tls.check(settings)  # renewed certificates: the new workers load them again
+            websocket.check(settings)
             self._pending_listeners = (
                 self.listeners if systemd_owned(self.listeners)
                 else self._bind(settings, keep=self.listeners)

@@ -261,11 +261,13 @@ class Worker:
         return ACCEPT_BURST
 
     def _open(self, fd: int, address: object, sock: socket.socket | None = None,
-              preamble: Preamble | None = None) -> SocketConnection | None:
+              preamble: Preamble | None = None, conn: SocketConnection | None = None
+              ) -> SocketConnection | None:
         """Serve ``fd`` (non-blocking, TCP_NODELAY set; ``sock`` its object, if
-        one was made) with a new connection."""
+        one was made) with a new connection (``conn``, if the preamble made it)."""
         try:
-            conn = self.connection_class()
+            if conn is None:
+                conn = self.connection_class()
         except Exception:
             app_log.error("Error in %s() constructor", self.connection_class.__qualname__,
                           exc_info=True)
@@ -293,14 +295,22 @@ class Worker:
         elif not self.accepting:
             self._maybe_resume()
 
-    def deliver(self, message: bytes) -> None:
-        """Send ``message`` to every connection of this worker."""
+    def deliver(self, message: bytes | str) -> None:
+        """Send ``message`` to every connection of this worker.
+
+        A text message (``str``, from a WebSocket) reaches the other connections
+        as its UTF-8 bytes."""
         connections = list(self.connections.values())
         if self.outbound:
             connections = [conn for conn in connections if conn._fd not in self.outbound]
         self.broadcasts_delivered += len(connections)
+        if type(message) is str:
+            data = message.encode()
+            for conn in connections:
+                conn.send(message if conn._ws is not None else data)  # type: ignore[arg-type]
+            return
         for conn in connections:
-            conn.send(message)
+            conn.send(message)  # type: ignore[arg-type]
 
     def stop(self, graceful: bool = True) -> None:
         """Stop accepting and end every connection; ``run()`` then returns.
@@ -323,8 +333,11 @@ class Worker:
         """``stop()`` from any thread, also before ``run()``."""
         self.loop.call_soon_threadsafe(lambda: self.stop(graceful))
 
-    def retire(self) -> None:
+    def retire(self, handoff: bool = False) -> None:
         """Stop accepting; serve open connections until they end or time runs out.
+
+        WebSockets are told to go (close code 1012, "service restart": their
+        clients reconnect to the new workers), unless ``handoff`` moves them.
 
         EPOLLEXCLUSIVE hands each incoming connection's wakeup to one waiter:
         if that was us and we unregister before accepting, no other worker is
@@ -337,7 +350,15 @@ class Worker:
             while self._accept(listener, 0) == ACCEPT_BURST:
                 pass
         self._stopping = True
+        if not handoff:
+            self.restart_websockets()
         self._stop_when_drained()
+
+    def restart_websockets(self) -> None:
+        """Close every WebSocket with 1012: a reload drains it instead of moving it."""
+        for conn in list(self.connections.values()):
+            if conn._ws is not None:
+                conn._close_after_output("ws_restart")
 
     def _stop_when_drained(self) -> None:
         if not self.connections:

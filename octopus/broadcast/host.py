@@ -12,5 +12,5 @@ class BroadcastHost(Host, Protocol):
     broadcasts_dropped: int
     redis_gap: int  # messages Redis dropped for this subscriber
 
-    def deliver(self, message: bytes) -> None:
+    def deliver(self, message: bytes | str) -> None:
         """Send ``message`` to this worker's clients."""

@@ -45,6 +45,7 @@ log = logging.getLogger("octopus.worker")
 LINK_LIMIT = 64 * 1024 * 1024
 RECV_SIZE = 256 * 1024
 _HEADER = struct.Struct(">IQ")  # body length, the sender's number for it
+_TEXT = 1 << 31  # set in the body length: the body is a text message's UTF-8
 _HELLO = struct.Struct(">iiQ")  # sender's slot and pid, its last number before this link
 
 
@@ -132,15 +133,18 @@ class _Inbound:
         with memoryview(buf) as view:
             while end - pos >= header:
                 size, seq = unpack(view, pos)
+                text, size = size & _TEXT, size & ~_TEXT
                 stop = pos + header + size
                 if stop > end:
                     break
-                message = view[pos + header:stop].tobytes()
+                message: bytes | str = view[pos + header:stop].tobytes()
+                if text:
+                    message = message.decode()  # type: ignore[union-attr]
                 pos = stop
                 if ledger is None:
                     deliver(message)
                 else:
-                    ledger.receive(key, seq, message)
+                    ledger.receive(key, seq, message)  # type: ignore[arg-type]
         return pos
 
     def close(self) -> None:
@@ -174,7 +178,11 @@ class LocalMesh:
         self.worker.deliver(message)
         peers = self.board.peers(self.slot)
         if peers:
-            self._send(peers, _HEADER.pack(len(message), seq) + message)
+            if type(message) is str:  # from a WebSocket: it stays text
+                body = message.encode()
+                self._send(peers, _HEADER.pack(len(body) | _TEXT, seq) + body)
+            else:
+                self._send(peers, _HEADER.pack(len(message), seq) + message)
         if self.ledger is not None:  # after every link it needed exists: see Ledger.sent
             self.ledger.sent(seq, message)
 

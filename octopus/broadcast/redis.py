@@ -45,7 +45,10 @@ class RedisBroadcast:
                  local: Callable[[bytes], None], origin: str) -> None:
         self.worker, self.loop, self.url, self.channel = worker, worker.loop, url, channel
         self.local = local  # delivers to this whole server
+        # Published: origin, then b"\0" and the bytes of a binary message, or
+        # b"\1" and the UTF-8 of a text one (a str, from a WebSocket).
         self.origin = origin.encode() + b"\0"
+        self.origin_id = origin.encode()
         self.client = redis.Redis.from_url(
             url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=READ_TIMEOUT,
             retry=Retry(NoBackoff(), 0), health_check_interval=0)
@@ -65,7 +68,7 @@ class RedisBroadcast:
             self.worker.redis_gap += 1
             return
         command = b"".join(self.pub_conn.pack_command("PUBLISH", self.channel,
-                                                      self.origin + message))
+                                                      self._tagged(message)))
         if len(self.wbuf) + len(command) > MAX_PENDING:
             if not self.dropped:
                 log.warning("broadcast: Redis at %s is not keeping up; broadcasts to other "
@@ -158,14 +161,25 @@ class RedisBroadcast:
                 log.warning("broadcast: Redis refused a PUBLISH: %s",
                             replies.split(b"\r\n", 1)[0].decode(errors="replace"))
 
+    def _tagged(self, message: bytes | str) -> bytes:
+        if type(message) is str:
+            return self.origin_id + b"\1" + message.encode()
+        return self.origin + message  # type: ignore[operator]
+
     def _on_messages(self, mask: int) -> None:
-        origin, deliver = self.origin, self.worker.deliver
+        origin, deliver = self.origin_id, self.worker.deliver
         try:
             # None means nothing is buffered or readable; subscribe confirmations
             # come back as messages of another type.
             while (message := self.pubsub.get_message(timeout=0.0)) is not None:
                 data = message["data"]
-                if message["type"] == "message" and not data.startswith(origin):
-                    deliver(data[data.index(b"\0") + 1:])
+                if message["type"] != "message":
+                    continue
+                binary, text = data.find(b"\0"), data.find(b"\1")
+                if text >= 0 and (binary < 0 or text < binary):
+                    if data[:text] != origin:
+                        deliver(data[text + 1:].decode())
+                elif data[:binary] != origin:
+                    deliver(data[binary + 1:])
         except (redis.RedisError, OSError, ValueError) as exc:
             self._lost(exc)

@@ -10,7 +10,8 @@ Accepted forms (SPEC section 2)::
 
 A bind entry may follow the address with flag words, nginx-style
 (``"0.0.0.0:9443 proxy tls"``): ``tls`` serves TLS, ``proxy`` expects a PROXY
-protocol header first. Parsing is pure: nothing is resolved or bound here.
+protocol header first, ``ws`` speaks WebSocket (after the other
+two). Parsing is pure: nothing is resolved or bound here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Literal
 from octopus.errors import ConfigError
 
 Kind = Literal["tcp", "unix", "fd"]
-FLAGS = ("tls", "proxy")
+FLAGS = ("tls", "proxy", "ws")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,6 @@ def parse_bind(entry: str | int) -> tuple[Address, frozenset[str]]:
         unknown = [word for word in words[1:] if word not in FLAGS]
         if unknown:
             raise ConfigError(f"invalid address {entry!r}: unknown flag {unknown[0]!r} "
-                              f"(expected {' or '.join(FLAGS)})")
+                              f"(expected {', '.join(FLAGS[:-1])} or {FLAGS[-1]})")
         return address, frozenset(words[1:])
     return parse_address(entry), frozenset()

@@ -61,7 +61,7 @@ from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Timer
 
 if TYPE_CHECKING:
     from octopus.core.framing import Framer
-    from octopus.core.host import Host, Preamble, TLSDetails
+    from octopus.core.host import Host, Preamble, TLSDetails, WebSocketDetails, WebSocketLink
     from octopus.core.outbound import Connector
 
 app_log = logging.getLogger("octopus.app")
@@ -106,10 +106,12 @@ class SocketConnection:
         "_state",
         "_wbuf",
         "_worker",
+        "_ws",
         "address",
         "credentials",
         "proxied_by",
         "tls",
+        "websocket",
     )
 
     _worker: Host
@@ -132,12 +134,20 @@ class SocketConnection:
     credentials: tuple[int, int, int] | None
     tls: TLSDetails | None  # on TLS listeners: version, cipher, ALPN, SNI, client certificate
     proxied_by: Any  # on proxy listeners: the balancer's address (``address`` is the client's)
+    websocket: WebSocketDetails | None  # on ws listeners: path, headers, subprotocol
+    _ws: WebSocketLink | None  # on ws listeners: the WebSocket layer (octopus.transports.wslayer)
 
     def connect(self) -> None:
         """A client connected."""
 
     def receive(self, message: bytes) -> None:
-        """One message arrived."""
+        """One message arrived (on a WebSocket: ``str`` for text, ``bytes`` for binary)."""
+
+    def handshake(self, request: Any) -> int | None:
+        """On a ``ws`` listener, before ``connect()``: ``request.path``, ``.headers``
+        (case-insensitive) and ``.subprotocols`` (offered). Return None to accept,
+        or an HTTP status code to refuse (``connect()`` then never runs)."""
+        return None
 
     def close(self) -> None:
         """The connection is gone, whichever side ended it."""
@@ -204,6 +214,8 @@ class SocketConnection:
 
     def _close_after_output(self, reason: str) -> None:
         if self._state == OPEN:
+            if self._ws is not None:  # the close frame, after what was sent
+                self._ws.closing(reason)
             self._state = CLOSING
             self._reason = reason
             self._after_output()
@@ -301,6 +313,7 @@ class SocketConnection:
             self.tls = self.proxied_by = None
         else:  # after a PROXY header or a TLS handshake
             self.tls, self.proxied_by = preamble.tls_info(), preamble.proxied_by
+            self.websocket = preamble.websocket_info()
             self._framer = preamble.wrap(self, self._framer)
             self._wbuf += preamble.unsent()
             if self._wbuf:
@@ -326,6 +339,7 @@ class SocketConnection:
         self._corked = False
         self._wbuf = bytearray()
         self._idle_timer = None
+        self._ws = self.websocket = None
         self.address = address
         if type(address) is tuple:  # TCP: (host, port, ...)
             self._sock = sock

@@ -24,6 +24,11 @@ CLOSE_REASONS = (
     "shutdown",  # the worker stopped or retired with the connection open
     "tls_handshake",  # the TLS handshake failed or timed out
     "proxy_header",  # a missing or malformed PROXY header
+    "ws_handshake",  # a WebSocket opening handshake failed, timed out or was refused
+    "ws_protocol_error",  # a WebSocket protocol error (close code 1002)
+    "ws_invalid_utf8",  # invalid UTF-8 in a WebSocket text message (1007)
+    "ws_ping_timeout",  # no pong within ws_ping_timeout: a dead peer
+    "ws_restart",  # a WebSocket closed by a reload that drained it (1012)
 )
 
 # Why the worker stopped accepting for a while (``Worker.accept_pauses``).

@@ -6,7 +6,7 @@ reach it only through this protocol, so ``octopus.core`` never imports upward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ class Preamble(Protocol):
 
     def tls_info(self) -> TLSDetails | None: ...
 
+    def websocket_info(self) -> WebSocketDetails | None: ...
+
     def wrap(self, conn: SocketConnection, framer: Framer | None) -> Framer | None: ...
 
     def unsent(self) -> bytes: ...
@@ -65,3 +67,22 @@ class TLSDetails(Protocol):
     def server_name(self) -> str | None: ...
     @property
     def peer_cert(self) -> dict[str, Any] | None: ...
+
+
+class WebSocketDetails(Protocol):
+    """``connection.websocket`` (``octopus.transports.websocket.WebSocketInfo``)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def subprotocol(self) -> str | None: ...
+
+
+class WebSocketLink(Protocol):
+    """A connection's WebSocket layer (``octopus.transports.wslayer``), as the
+    connection reaches it."""
+
+    def closing(self, reason: str) -> None:
+        """The server closes the connection for ``reason``: queue the close frame."""

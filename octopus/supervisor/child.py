@@ -96,7 +96,7 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
 
     def retire() -> None:
         board.set_state(slot, RETIRING)
-        worker.retire()
+        worker.retire(handoff=handoff is not None)
         if handoff is not None:
             handoff.evacuate()
 

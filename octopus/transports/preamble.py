@@ -2,11 +2,12 @@
 
 On a ``proxy`` listener the connection must first send a PROXY protocol
 header; on a ``tls`` listener it must complete a TLS handshake; on a
-``proxy tls`` listener the header comes first, then the handshake. A
-:class:`Preamble` drives these stages on the worker's loop, non-blocking and
-under a deadline (``proxy_timeout``, then ``tls_handshake_timeout``), then
-hands the socket to a new ``SocketConnection``, whose ``connect()`` runs
-only then. A client that fails a stage, sends garbage or stalls is closed
+``ws`` listener, the WebSocket opening handshake (``octopus.transports.websocket``),
+through TLS if flagged too. The stages run in that order. A
+:class:`Preamble` drives them on the worker's loop, non-blocking and
+under a deadline (``proxy_timeout``, then ``tls_handshake_timeout`` for each
+handshake), then hands the socket to a new ``SocketConnection``, whose
+``connect()`` runs only then. A client that fails a stage, sends garbage or stalls is closed
 and counted (``worker.closes``), with one line in the debug log: the
 application never sees it.
 
@@ -26,16 +27,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from octopus.core.framing import NEED_DATA, Framer
+from octopus.core.framing import NEED_DATA, FrameError, Framer
 from octopus.core.loop import EPOLLIN, EPOLLOUT, Loop, Timer
 from octopus.transports.proxy_protocol import ProxyHeaderError, ProxyHeaderParser
 from octopus.transports.tls import Handshake, TLSError, TLSInfo, TLSLayer, make_context
+from octopus.transports.websocket import (
+    HandshakeError,
+    OpeningHandshake,
+    WebSocketInfo,
+    WebSocketPolicy,
+    websocket_policy,
+)
 
 if TYPE_CHECKING:
     from octopus.config import Settings
     from octopus.core.connection import SocketConnection
 
 log = logging.getLogger("octopus.worker")
+app_log = logging.getLogger("octopus.app")
 
 RECV_SIZE = 65536
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -47,9 +56,11 @@ class Opener(Protocol):
     loop: Loop
     preambles: dict[int, Preamble]  # in progress, by fd
     closes: dict[str, int]
+    connection_class: type[SocketConnection]
 
     def _open(self, fd: int, address: object, sock: socket.socket | None = None,
-              preamble: Preamble | None = None) -> SocketConnection | None:
+              preamble: Preamble | None = None, conn: SocketConnection | None = None
+              ) -> SocketConnection | None:
         """Hand the connection, its preamble done, to the application."""
 
 
@@ -62,6 +73,7 @@ class ListenerPolicy:
     proxy_trusted: tuple[Network, ...]  # empty: any peer may send a header
     proxy_timeout: float
     handshake_timeout: float
+    websocket: WebSocketPolicy | None = None
 
     def trusts(self, peer: Any) -> bool:
         if not self.proxy_trusted:
@@ -87,6 +99,7 @@ def listener_policy(flags: frozenset[str], settings: Settings) -> ListenerPolicy
                             for item in settings.proxy_trusted),
         proxy_timeout=settings.proxy_timeout,
         handshake_timeout=settings.tls_handshake_timeout,
+        websocket=websocket_policy(settings) if "ws" in flags else None,
     )
 
 
@@ -113,6 +126,10 @@ class Preamble:
         self.proxied_by: Any = None
         self.parser = ProxyHeaderParser() if policy.proxy else None
         self.handshake: Handshake | None = None
+        self.tls_done = False
+        self.ws: OpeningHandshake | None = None
+        self.tls_io: TLSLayer | None = None  # under a WebSocket handshake: TLS records
+        self.conn: SocketConnection | None = None  # made to ask its handshake() hook
         self.early = b""  # the client's first bytes, read with the last stage
         self.out = b""  # handshake bytes the kernel has not taken yet
         self.timer: Timer | None = None
@@ -125,8 +142,10 @@ class Preamble:
         self.worker.loop.register(self.fd, EPOLLIN, self._on_events)
         if self.parser is not None:
             self._deadline(self.policy.proxy_timeout, "proxy_header", "no PROXY header")
-        else:
+        elif self.policy.tls is not None:
             self._start_tls(b"")
+        else:
+            self._start_ws(b"")
 
     def _deadline(self, seconds: float, reason: str, what: str) -> None:
         if self.timer is not None:
@@ -148,11 +167,15 @@ class Preamble:
             return
         if self.parser is not None:
             self._read_header(data)
+        elif self.ws is not None:
+            self._read_ws(data)
         else:
             self._shake(data)
 
     def _stage(self) -> str:
-        return "proxy_header" if self.parser is not None else "tls_handshake"
+        if self.parser is not None:
+            return "proxy_header"
+        return "ws_handshake" if self.ws is not None else "tls_handshake"
 
     def _read_header(self, data: bytes) -> None:
         assert self.parser is not None
@@ -166,11 +189,13 @@ class Preamble:
         if not info.local and info.source is not None:
             self.address, self.proxied_by = info.source, self.peer
         rest, self.parser = self.parser.remainder, None
-        if self.policy.tls is None:
+        if self.policy.tls is not None:
+            self._start_tls(rest)
+        elif self.policy.websocket is not None:
+            self._start_ws(rest)
+        else:
             self.early = rest
             self._finish()
-        else:
-            self._start_tls(rest)
 
     def _start_tls(self, data: bytes) -> None:
         assert self.policy.tls is not None
@@ -189,8 +214,68 @@ class Preamble:
             self._fail("tls_handshake", str(exc))
             return
         self._write(handshake.data_to_send())
-        if done:
+        if not done:
+            return
+        self.tls_done = True
+        if self.policy.websocket is None:
             self._finish()
+            return
+        self.tls_io = handshake.layer(None)
+        try:
+            plain = b"".join(self.tls_io.pending())
+        except FrameError as exc:
+            self._fail("tls_handshake", str(exc))
+            return
+        self._start_ws(plain)
+
+    def _start_ws(self, data: bytes) -> None:
+        policy = self.policy.websocket
+        assert policy is not None
+        self.ws = OpeningHandshake(policy)
+        self._deadline(policy.handshake_timeout, "ws_handshake", "no WebSocket handshake")
+        if data:
+            self._read_ws(data, decrypted=True)
+
+    def _read_ws(self, data: bytes, decrypted: bool = False) -> None:
+        ws = self.ws
+        assert ws is not None
+        try:
+            if self.tls_io is not None and not decrypted:
+                data = b"".join(self.tls_io.feed_messages(data)) if data else b""
+            request = ws.feed(data)
+        except (HandshakeError, FrameError) as exc:
+            self._send(getattr(exc, "response", b""))
+            self._fail("ws_handshake", str(exc))
+            return
+        if request is None:
+            return
+        worker = self.worker
+        try:
+            self.conn = conn = worker.connection_class()
+            conn.address, conn.proxied_by = self.address, self.proxied_by
+            status = conn.handshake(request)
+        except Exception:
+            app_log.error("Error in handshake() of %s", worker.connection_class.__qualname__,
+                          exc_info=True)
+            self._send(ws.refuse(500))
+            self._fail("hook_error", "handshake() raised")
+            return
+        if status is not None:
+            self._send(ws.refuse(int(status)))
+            self._fail("ws_handshake", f"handshake() refused it with {status}")
+            return
+        answer, opened = ws.accept()
+        self._send(answer)
+        if opened:
+            self._finish()
+        else:
+            self._fail("ws_handshake", ws.why_refused())
+
+    def _send(self, data: bytes) -> None:
+        """Write handshake bytes: through TLS if under it."""
+        if data and self.tls_io is not None:
+            data = self.tls_io.seal(data)
+        self._write(data)
 
     def _write(self, data: bytes) -> None:
         out = self.out + data
@@ -228,11 +313,16 @@ class Preamble:
 
     def _finish(self) -> None:
         self._release()
-        conn = self.worker._open(self.fd, self.address, self.sock, self)
+        conn = self.worker._open(self.fd, self.address, self.sock, self, self.conn)
         if conn is None:
             return
         framer, early = conn._framer, self.early
-        if isinstance(framer, TLSLayer):
+        if self.ws is not None:
+            layer = conn._ws
+            if layer is None:  # connect() ended it
+                return
+            source = _Early(layer.pending)  # type: ignore[attr-defined]
+        elif isinstance(framer, TLSLayer):
             source = _Early(framer.pending)
         elif not early:
             return
@@ -248,8 +338,21 @@ class Preamble:
     def tls_info(self) -> TLSInfo | None:
         return None if self.handshake is None else self.handshake.info()
 
+    def websocket_info(self) -> WebSocketInfo | None:
+        return None if self.ws is None else self.ws.info
+
     def wrap(self, conn: SocketConnection, framer: Framer | None) -> Framer | None:
-        """The connection's framer: TLS under the application's framing."""
+        """The connection's framer: TLS under the application's framing, or
+        under the WebSocket layer (which replaces the application's framing)."""
+        ws = self.ws
+        if ws is not None:
+            layer = ws.layer(conn, queued=0 if self.handshake is not None else len(self.out))
+            conn._ws = layer
+            if self.handshake is None:
+                return layer  # type: ignore[return-value]
+            tls = self.handshake.layer(layer)  # type: ignore[arg-type]
+            layer.seal = tls.seal
+            return tls  # type: ignore[return-value]
         if self.handshake is None:
             return framer
         return self.handshake.layer(framer)  # type: ignore[return-value]

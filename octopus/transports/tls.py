@@ -235,6 +235,11 @@ class TLSLayer:
     def frame_into(self, buffer: bytearray, message: bytes) -> None:
         buffer += self.frame(message)
 
+    def seal(self, data: bytes) -> bytes:
+        """``data`` encrypted as it is, not framed (the inner layer's own frames)."""
+        self._write(data)
+        return self._outgoing.read()
+
     def close_notify(self) -> bytes:
         """The close_notify alert to send before our FIN."""
         try:

@@ -1,0 +1,401 @@
+"""The WebSocket layer: between the socket (or TLS) and the connection.
+
+It takes the place of the connection's framer: ``feed_messages(bytes)``
+returns the complete messages (``str`` for text, ``bytes`` for binary),
+``frame(message)`` gives the bytes of one outgoing message. The engine
+(``websockets``' sans-I/O protocol) parses frames, answers pings and close
+frames, inflates and enforces ``max_message_size`` as frames arrive (1009
+before it buffers more); this layer joins fragments, checks UTF-8 (1007),
+sends its own pings and closes dead peers, and writes what the engine
+answers.
+
+Writing: control frames (pong, ping) go out ahead of queued data. A frame
+already partly written cannot be split, so a control frame is put after it,
+at the first frame boundary known past the written part; boundaries are
+recorded every ``MARK_SPACING`` bytes at most, so the bookkeeping stays a
+few entries per queued megabyte. Under TLS the records are sequenced, so
+there control frames are appended instead.
+
+Closing (the close code by why; see ``CLOSE_CODES``): a close frame from the
+peer, or an error in its input, is answered once the messages read before it
+have been delivered (``call_soon``), then the connection closes as after
+``disconnect()``. A close the server starts waits ``ws_close_timeout`` at most.
+
+Broadcast: without compression a frame depends only on the message, so the
+last one encoded is kept, and a broadcast to N WebSocket clients encodes it
+once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from octopus.core.connection import CLOSED, OPEN
+from octopus.core.fdio import write as _write
+from octopus.core.loop import EPOLLOUT, Timer
+from octopus.transports.websocket import WebSocketInfo, engine, engine_log, headers_view
+
+if TYPE_CHECKING:
+    from octopus.core.connection import SocketConnection
+    from octopus.transports.websocket import WebSocketPolicy
+
+log = logging.getLogger("octopus.worker")
+
+MARK_SPACING = 4096
+# Why the server closes -> the close code it sends (RFC 6455 section 7.4).
+CLOSE_CODES = {"disconnect": 1000, "shutdown": 1001, "ws_restart": 1012}
+# The close code the engine sent -> the close reason counted.
+_REASONS = {1002: "ws_protocol_error", 1007: "ws_invalid_utf8", 1009: "message_too_large",
+            1011: "ws_protocol_error"}
+_H2 = struct.Struct("!BBH")
+_H8 = struct.Struct("!BBQ")
+_cache: tuple[object, bytes] = (None, b"")  # the last message encoded, and its frame
+
+
+def encode(message: str | bytes) -> bytes:
+    """An unmasked, uncompressed, final frame: text for ``str``, binary otherwise."""
+    global _cache
+    if _cache[0] is message:
+        return _cache[1]
+    if type(message) is str:
+        payload, head = message.encode(), 0x81
+    else:
+        payload, head = message, 0x82  # type: ignore[assignment]
+    size = len(payload)
+    if size < 126:
+        frame = bytes((head, size)) + payload
+    elif size < 65536:
+        frame = _H2.pack(head, 126, size) + payload
+    else:
+        frame = _H8.pack(head, 127, size) + payload
+    if type(message) is bytes or type(message) is str:  # immutable: safe to keep
+        _cache = (message, frame)
+    return frame
+
+
+class WebSocketLayer:
+    """One open WebSocket: the connection's framer."""
+
+    name = "websocket"
+
+    def __init__(self, protocol: Any, conn: SocketConnection, policy: WebSocketPolicy,
+                 info: WebSocketInfo, queued: int = 0, early: list[Any] | None = None) -> None:
+        from websockets.frames import Opcode
+
+        self._opcodes = Opcode
+        self.protocol = protocol
+        self.conn = conn
+        self.policy = policy
+        self.info = info
+        self.compressed = bool(protocol.extensions)
+        self.seal: Callable[[bytes], bytes] | None = None  # TLS: encrypt control frames
+        self._parts: list[Any] = []  # the fragments of the message being received
+        self._text = False
+        self._decoder: Any = None
+        self._wire = bytearray()  # the incomplete frame at the end of the input
+        self._early = early or []
+        self._close_sent = False
+        # Frame boundaries in the output, in bytes produced since the write
+        # buffer was last seen empty (``_produced``); valid while ``_exact``.
+        self._produced = queued
+        self._exact = True
+        self._marks: deque[int] = deque()
+        self._shift = 0
+        self._pinged: bytes | None = None
+        self._pings = 0
+        self._ping_timer: Timer | None = None
+        self._deadline: Timer | None = None
+        if policy.ping_interval > 0:
+            self._ping_timer = conn._worker.loop.call_later(policy.ping_interval, self._ping)
+
+    # -- input --
+
+    def pending(self) -> list[Any]:
+        """Messages in frames that came with the handshake."""
+        early, self._early = self._early, []
+        return self._messages(early) if early else []
+
+    def feed_messages(self, data: bytes) -> list[Any]:
+        protocol = self.protocol
+        if data:
+            self._track(data)
+            protocol.receive_data(data)
+        else:
+            protocol.receive_eof()
+        events = protocol.events_received()
+        messages = self._messages(events) if events else []
+        writes = protocol.data_to_send()
+        if writes:
+            self._answer(writes)
+        return messages
+
+    def _messages(self, frames: list[Any]) -> list[Any]:
+        opcode = self._opcodes
+        messages: list[Any] = []
+        for frame in frames:
+            op = frame.opcode
+            try:
+                if op is opcode.TEXT:
+                    if frame.fin:
+                        messages.append(frame.data.decode())
+                    else:
+                        self._text = True
+                        self._decoder = codecs.getincrementaldecoder("utf-8")()
+                        self._parts = [self._decoder.decode(frame.data)]
+                elif op is opcode.BINARY:
+                    if frame.fin:
+                        messages.append(bytes(frame.data))
+                    else:
+                        self._text, self._parts = False, [bytes(frame.data)]
+                elif op is opcode.CONT:
+                    if self._text:
+                        self._parts.append(self._decoder.decode(frame.data, frame.fin))
+                    else:
+                        self._parts.append(bytes(frame.data))
+                    if frame.fin:
+                        messages.append(("" if self._text else b"").join(self._parts))
+                        self._parts, self._decoder = [], None
+                elif op is opcode.PONG and self._pinged is not None \
+                        and frame.data == self._pinged:
+                    self._pinged = None
+                    if self._deadline is not None:
+                        self._deadline.cancel()
+                        self._deadline = None
+            except UnicodeDecodeError as exc:
+                self.protocol.fail(1007, f"invalid UTF-8 at position {exc.start}")
+                break
+        return messages
+
+    def _track(self, data: bytes) -> None:
+        """Keep the bytes of the frame still incomplete at the end of the input
+        (what a hand-off must carry): scan the frame headers past the last boundary."""
+        wire = self._wire
+        if wire:
+            wire += data
+            view: Any = wire
+        else:
+            view = data
+        end, pos = len(view), 0
+        while end - pos >= 2:
+            size = view[pos + 1] & 0x7F
+            head = 6  # 2 + the mask (client frames are masked)
+            if size == 126:
+                head = 8
+                if end - pos < 4:
+                    break
+                size = (view[pos + 2] << 8) | view[pos + 3]
+            elif size == 127:
+                head = 14
+                if end - pos < 10:
+                    break
+                size = int.from_bytes(view[pos + 2:pos + 10], "big")
+            if end - pos < head + size:
+                break
+            pos += head + size
+        if wire:
+            del wire[:pos]
+        elif pos < end:
+            self._wire = bytearray(view[pos:])
+
+    def unread(self) -> bytes:
+        """The input of the frame not yet complete (a hand-off carries it)."""
+        return bytes(self._wire)
+
+    # -- output --
+
+    def frame(self, message: Any) -> bytes:
+        self._exact, self._produced = True, 0  # the write buffer is empty
+        self._marks.clear()
+        if self.compressed:
+            return self._deflated(message)
+        return encode(message)
+
+    def frame_into(self, buffer: bytearray, message: Any) -> None:
+        if not buffer:
+            self._exact, self._produced = True, 0
+            self._marks.clear()
+        data = self._deflated(message) if self.compressed else encode(message)
+        buffer += data
+        self._produced += len(data)
+        marks = self._marks
+        if not marks or self._produced - (marks[-1] + self._shift) >= MARK_SPACING:
+            marks.append(self._produced - self._shift)
+
+    def _deflated(self, message: Any) -> bytes:
+        from websockets.frames import Frame
+
+        opcode = self._opcodes
+        if type(message) is str:
+            frame = Frame(opcode.TEXT, message.encode())
+        else:
+            frame = Frame(opcode.BINARY, bytes(message))
+        return frame.serialize(mask=False, extensions=self.protocol.extensions)
+
+    def _emit(self, data: bytes, urgent: bool = False) -> None:
+        """Write frames of our own (control frames) on the connection."""
+        conn = self.conn
+        if conn._state != OPEN or not data:
+            return
+        if self.seal is not None:
+            data, urgent = self.seal(data), False
+        wbuf = conn._wbuf
+        if wbuf or conn._corked:
+            if urgent and self._exact and wbuf:
+                self._insert(wbuf, data)
+            else:
+                wbuf += data
+                self._produced += len(data)
+            if not conn._corked:
+                conn._watch(conn._events | EPOLLOUT)
+            return
+        try:
+            sent = _write(conn._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            conn._lost(exc)
+            return
+        conn._worker.bytes_out += sent
+        self._exact, self._produced = True, len(data) - sent
+        self._marks.clear()
+        if sent < len(data):
+            wbuf += memoryview(data)[sent:]
+            conn._watch(conn._events | EPOLLOUT)
+
+    def _insert(self, wbuf: bytearray, data: bytes) -> None:
+        """Put ``data`` at the first frame boundary past what was written."""
+        written = self._produced - len(wbuf)
+        marks, shift = self._marks, self._shift
+        while marks and marks[0] + shift <= written:
+            marks.popleft()
+        if marks:
+            wbuf[marks[0] + shift - written:marks[0] + shift - written] = data
+            self._shift += len(data)  # every mark left is at or past the insertion
+        else:
+            wbuf += data
+        self._produced += len(data)
+
+    def _answer(self, writes: list[bytes]) -> None:
+        """Write what the engine answered; if it ended the connection, close after
+        the messages of this read are delivered."""
+        data = b"".join(writes)
+        if b"" not in writes:  # SEND_EOF: the engine closed
+            self._emit(data, urgent=True)
+            return
+        protocol = self.protocol
+        close = protocol.close_sent
+        if protocol.close_rcvd is not None:
+            reason = "eof"
+        else:
+            reason = _REASONS.get(close.code, "ws_protocol_error") if close else "eof"
+        if reason != "eof":
+            log.info("closing %r: %s", self.conn, protocol.parser_exc or
+                     (close.reason if close else "WebSocket error"))
+        self.conn._worker.loop.call_soon(functools.partial(self._end, data, reason))
+
+    def _end(self, data: bytes, reason: str) -> None:
+        conn = self.conn
+        if conn._state != OPEN:
+            return
+        self._emit(data)
+        self._close_sent = True
+        self._start_close_timer()
+        conn._close_after_output(reason)
+
+    def closing(self, reason: str) -> None:
+        """The server closes (``disconnect()``, a stop, a reload): the close frame,
+        after what was sent before. Called by the connection while still OPEN."""
+        if self._close_sent or self.protocol.state.name != "OPEN":
+            return
+        self._close_sent = True
+        self.protocol.send_close(CLOSE_CODES.get(reason, 1000))
+        self._emit(b"".join(self.protocol.data_to_send()))
+        self._start_close_timer()
+
+    def _start_close_timer(self) -> None:
+        conn = self.conn
+        self._stop_pinging()
+
+        def give_up() -> None:
+            if conn._state != CLOSED:
+                log.debug("%r: no close frame and EOF from the peer in %gs", conn,
+                          self.policy.close_timeout)
+                conn._finish()
+
+        conn._worker.loop.call_later(self.policy.close_timeout, give_up)
+
+    # -- keepalive --
+
+    def _ping(self) -> None:
+        self._ping_timer = None
+        conn = self.conn
+        if conn._state != OPEN or self._close_sent:
+            return
+        loop = conn._worker.loop
+        if self._pinged is None:
+            self._pings += 1
+            self._pinged = data = struct.pack("!I", self._pings)
+            self.protocol.send_ping(data)
+            self._emit(b"".join(self.protocol.data_to_send()), urgent=True)
+            self._deadline = loop.call_later(self.policy.ping_timeout, self._dead)
+        self._ping_timer = loop.call_later(self.policy.ping_interval, self._ping)
+
+    def _dead(self) -> None:
+        self._deadline = None
+        conn = self.conn
+        if conn._state == OPEN and self._pinged is not None:
+            log.info("closing %r: no pong within %gs", conn, self.policy.ping_timeout)
+            self._stop_pinging()
+            conn._abort("ws_ping_timeout")
+
+    def _stop_pinging(self) -> None:
+        for timer in (self._ping_timer, self._deadline):
+            if timer is not None:
+                timer.cancel()
+        self._ping_timer = self._deadline = None
+
+    # -- hand-off --
+
+    @property
+    def movable(self) -> bool:
+        """Whether this connection can move to another process: compression's
+        context (zlib's window) cannot, nor a close already under way."""
+        return (not self.compressed and not self._close_sent and self.seal is None
+                and self.protocol.state.name == "OPEN")
+
+    def suspend(self) -> dict[str, Any]:
+        """What a new worker needs to take this WebSocket over (picklable)."""
+        self._stop_pinging()
+        return {"path": self.info.path, "headers": dict(self.info.headers),
+                "subprotocol": self.info.subprotocol, "text": self._text,
+                "parts": self._parts, "size": self.protocol.current_size,
+                "decoder": self._decoder.getstate() if self._decoder is not None else None}
+
+
+def resume_layer(conn: SocketConnection, policy: WebSocketPolicy, record: dict[str, Any],
+                 unread: bytes) -> WebSocketLayer:
+    """The layer of a WebSocket moved here by a hand-off (``WebSocketLayer.suspend``)."""
+    websockets = engine()
+    from websockets.protocol import State
+
+    protocol = websockets.server.ServerProtocol(
+        state=State.OPEN, max_size=policy.max_message_size, logger=engine_log)
+    protocol.current_size = record["size"]
+    info = WebSocketInfo(path=record["path"], headers=headers_view(record["headers"]),
+                         subprotocol=record["subprotocol"])
+    layer = WebSocketLayer(protocol, conn, policy, info)
+    layer._exact = False  # the old worker's output goes in front: boundaries unknown
+    layer._text, layer._parts = record["text"], record["parts"]
+    if record["decoder"] is not None:
+        layer._decoder = codecs.getincrementaldecoder("utf-8")()
+        layer._decoder.setstate(record["decoder"])
+    if unread:  # part of one frame: no event comes of it yet
+        layer._track(unread)
+        protocol.receive_data(unread)
+    return layer
