@@ -42,6 +42,7 @@ from octopus.core.loop import EPOLLEXCLUSIVE, EPOLLIN, Loop, Timer
 from octopus.core.threads import ThreadPool
 from octopus.errors import ConfigError
 from octopus.transports.preamble import ListenerPolicy, Preamble, listener_policy
+from octopus.transports.websocket import WebSocketPolicy
 
 if TYPE_CHECKING:
     from octopus.coordination.balance import Balancer
@@ -94,6 +95,8 @@ class Worker:
         # flagged ones through a Preamble (which loads the TLS certificate now,
         # so a ConfigError comes before anything is created).
         self._accepting: dict[socket.socket, _Accepting] = {}
+        # Of the ws listeners (a WebSocket moved here by a hand-off is served by it).
+        self.websocket_policy: WebSocketPolicy | None = None
         flags_of = dict(zip(self.listeners, listener_flags, strict=False))
         for listener in self.listeners:
             # Read once: the socket module's properties build enums at every access.
@@ -104,10 +107,12 @@ class Worker:
                 # set once here, not once per connection.
                 listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             flags = flags_of.get(listener)
+            policy = listener_policy(flags, settings) if flags else None
             self._accepting[listener] = (acceptor(listener), (
-                functools.partial(self._open_preamble, listener_policy(flags, settings),
-                                  family, kind)
-                if flags else self._open))
+                functools.partial(self._open_preamble, policy, family, kind)
+                if policy is not None else self._open))
+            if policy is not None and policy.websocket is not None:
+                self.websocket_policy = policy.websocket
         self.loop = loop or Loop()
         self.connection_class = connection_class
         self.framing = settings.framing

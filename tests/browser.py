@@ -84,3 +84,5 @@ class Browser:
         finally:
             self.driver.kill()
             self.driver.wait(5)
+            if self.driver.stdout is not None:
+                self.driver.stdout.close()

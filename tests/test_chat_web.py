@@ -4,11 +4,13 @@ Chromium): two pages and an ``nc``-style line client share one room."""
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import procs
 from tests.browser import CHROMEDRIVER, CHROMIUM, MISSING, Browser
 from tests.conftest import REPO, ServerProcess
 from tests.helpers import LineClient, wait_until
@@ -62,3 +64,25 @@ def test_two_browsers_and_nc_chat_through_octopus(spawn: Spawn, browser: Browser
             == "open"
     finally:
         nc.close()
+
+
+def test_browsers_stay_connected_across_a_handoff_reload(
+        servers: procs.Servers, browser: Browser) -> None:
+    server = servers.start("--app", "chat_web:ChatConnection", "--pythonpath", str(EXAMPLES),
+                           "--bind", "127.0.0.1:0 ws", "--workers", "2", "--reload-handoff",
+                           "--pidfile", "octopusd.pid")
+    server.wait_ready()
+    old = server.wait_workers(2)
+    ws = f"127.0.0.1:{server.port}"
+    alice = browser.open(page(ws, "alice"))
+    bob = browser.open(page(ws, "bob"))
+    browser.wait_text(alice, "#log li", "* bob joined")
+
+    server.signal(signal.SIGHUP)
+    server.wait_workers(2, without=tuple(old))  # the old workers handed off and exited
+
+    browser.run(bob, "window.chat.send(arguments[0])", "after the reload")
+    browser.wait_text(alice, "#log li", "bob: after the reload")  # nicknames kept
+    for tab in (alice, bob):
+        assert browser.run(tab, "return document.getElementById('state').textContent") \
+            == "open"

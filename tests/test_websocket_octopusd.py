@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import procs
+from tests import procs, ws_raw
 from tests.helpers import wait_until
+from tests.test_handoff import handoff_counts
 
 websockets = pytest.importorskip("websockets", reason="the ws extra: pip install 'octopus[ws]'")
 from websockets.exceptions import ConnectionClosed  # noqa: E402
@@ -69,3 +70,44 @@ def test_a_reload_without_handoff_closes_websockets_with_1012(
         client.send("again")
         assert client.recv(timeout=5) == f"new {new} again"
     wait_until(lambda: procs.status(tmp_path / "octopusd.pid")["workers"][0]["pid"] == new)
+
+
+def test_websockets_move_to_the_new_code_with_handoff_and_compressed_ones_get_1012(
+        tmp_path: Path, servers: procs.Servers) -> None:
+    procs.write_app(tmp_path, ECHO_APP.format(tag="old"))
+    server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0 ws", "--workers", "1",
+                           "--reload-handoff", "--ws-compression", "deflate",
+                           "--pidfile", "octopusd.pid", "--graceful-timeout", "5")
+    server.wait_ready()
+    [old] = server.wait_workers(1)
+    address = f"127.0.0.1:{server.port}"
+    with ws_connect(f"ws://{address}/plain", compression=None) as plain, \
+            ws_connect(f"ws://{address}/deflate") as deflated:
+        assert [e.name for e in deflated.protocol.extensions] == ["permessage-deflate"]
+        for client in (plain, deflated):
+            client.send("hi")
+            assert client.recv(timeout=5) == f"old {old} hi"
+        # A message half received: two fragments and part of the third frame.
+        raw = ws_raw.open_raw(address, path="/raw")
+        last = ws_raw.frame(ws_raw.OP_CONT, b"ld!", fin=True)
+        raw.sendall(ws_raw.frame(ws_raw.OP_TEXT, b"hel", fin=False)
+                    + ws_raw.frame(ws_raw.OP_CONT, "lo wör".encode(), fin=False) + last[:5])
+        wait_until(lambda: procs.status(tmp_path / "octopusd.pid")["workers"][0]
+                   ["connections"] == 3, message="three connections")
+
+        procs.write_app(tmp_path, ECHO_APP.format(tag="new"))
+        server.signal(signal.SIGHUP)
+        assert handoff_counts(tmp_path) == {"moved": 2, "drained": 1, "failed": 0,
+                                            "pending": 0}
+        [new] = server.wait_workers(1, without=(old,))
+        with pytest.raises(ConnectionClosed):
+            deflated.recv(timeout=10)
+        assert deflated.close_code == 1012
+
+        plain.send("still here")
+        assert plain.recv(timeout=5) == f"new {new} still here"
+        raw.sendall(last[5:])
+        assert ws_raw.read_frame(raw) == (ws_raw.OP_TEXT, f"new {new} hello wörld!".encode())
+        raw.sendall(ws_raw.frame(ws_raw.OP_PING, b"p"))
+        assert ws_raw.read_frame(raw) == (ws_raw.OP_PONG, b"p")
+        raw.close()

@@ -39,6 +39,7 @@ from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
 from octopus.core.framing import LengthFramer, LineFramer
 from octopus.core.loop import EPOLLIN, EPOLLOUT, Timer
 from octopus.handoff.link import VERSION, Link, link_name, peer_credentials
+from octopus.transports.wslayer import WebSocketLayer
 
 if TYPE_CHECKING:
     from octopus.broadcast.ledger import Key
@@ -131,7 +132,8 @@ class Evacuation:
         framer = conn._framer
         return (conn._state == OPEN and conn.tls is None
                 and conn._fd not in self.worker.outbound
-                and (framer is None or isinstance(framer, (LineFramer, LengthFramer))))
+                and (framer is None or isinstance(framer, (LineFramer, LengthFramer))
+                     or (isinstance(framer, WebSocketLayer) and framer.movable)))
 
     def _spread(self, conns: list[SocketConnection]) -> None:
         """Deal them out in turn. Every retiring worker deals its own this way,
@@ -220,7 +222,9 @@ class Evacuation:
                 "framing": "raw" if framer is None else framer.name,
                 "input": b"" if framer is None else framer.unread(),  # type: ignore[attr-defined]
                 "address": conn.address, "proxied_by": conn.proxied_by,
-                "paused": not events & EPOLLIN}
+                "paused": not events & EPOLLIN,
+                # The WebSocket's protocol state and partial message, if one.
+                "websocket": framer.suspend() if isinstance(framer, WebSocketLayer) else None}
 
     def _intact(self, move_id: int) -> bool:
         """Still open, not read since the OFFER, and as paused as it was."""
@@ -390,5 +394,7 @@ class Evacuation:
                  f" ({reasons})" if reasons else "")
         self.handoff.report(f"handoff moved={self.moved} drained={self.drained} "
                             f"failed={self.failed}")
+        # What could not move drains: WebSockets are told to reconnect (1012).
+        self.worker.restart_websockets()
         if not connections:
             self.worker.loop.stop()

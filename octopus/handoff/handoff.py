@@ -64,6 +64,7 @@ from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
 from octopus.core.loop import EPOLLIN, EPOLLOUT, accept_waiting
 from octopus.handoff.evacuation import ANSWER_TIMEOUT, Evacuation
 from octopus.handoff.link import VERSION, Link, link_name, peer_credentials
+from octopus.transports.wslayer import resume_layer
 
 if TYPE_CHECKING:
     from octopus.broadcast.ledger import Watermarks
@@ -222,7 +223,11 @@ class _Taker:
         if len(worker.connections) + self.count >= worker.max_connections:
             sock.close()
             return "max_connections"
-        if framing != record["framing"]:
+        websocket = record.get("websocket")
+        if websocket is not None and worker.websocket_policy is None:
+            sock.close()
+            return "no ws listener here"
+        if websocket is None and framing != record["framing"]:
             sock.close()
             return f"framing changed from {record['framing']} to {framing}"
         try:
@@ -235,7 +240,12 @@ class _Taker:
             return "state or constructor failed"
         conn._attach(worker, sock.fileno(), record["address"], sock)
         conn.tls, conn.proxied_by = None, record["proxied_by"]
-        if record["input"] and conn._framer is not None:
+        if websocket is not None:  # the protocol state, unread input and partial message
+            assert worker.websocket_policy is not None
+            conn._ws = layer = resume_layer(conn, worker.websocket_policy, websocket,
+                                            record["input"])
+            conn._framer, conn.websocket = layer, layer.info  # type: ignore[assignment]
+        elif record["input"] and conn._framer is not None:
             conn._framer.feed(record["input"])
         conn._corked = True  # send() appends: written after what the old worker left
         if record["paused"]:

@@ -9,6 +9,7 @@ from octopus.core.host import Host
 if TYPE_CHECKING:
     from octopus.coordination.balance import Balancer
     from octopus.core.connection import SocketConnection
+    from octopus.transports.websocket import WebSocketPolicy
 
 
 class HandoffHost(Host, Protocol):
@@ -16,3 +17,6 @@ class HandoffHost(Host, Protocol):
     max_connections: int
     balancer: Balancer | None
     _stopping: bool
+    websocket_policy: WebSocketPolicy | None  # of its ws listeners; None: it has none
+
+    def restart_websockets(self) -> None: ...

@@ -371,7 +371,6 @@ class WebSocketLayer:
 
     def suspend(self) -> dict[str, Any]:
         """What a new worker needs to take this WebSocket over (picklable)."""
-        self._stop_pinging()
         return {"path": self.info.path, "headers": dict(self.info.headers),
                 "subprotocol": self.info.subprotocol, "text": self._text,
                 "parts": self._parts, "size": self.protocol.current_size,
