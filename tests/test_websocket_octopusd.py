@@ -10,6 +10,7 @@ import pytest
 from tests import procs, ws_raw
 from tests.helpers import wait_until
 from tests.test_handoff import handoff_counts
+from tests.test_metrics import METRICS_ON, Samples, counters, total
 
 websockets = pytest.importorskip("websockets", reason="the ws extra: pip install 'octopus[ws]'")
 from websockets.exceptions import ConnectionClosed  # noqa: E402
@@ -111,3 +112,44 @@ def test_websockets_move_to_the_new_code_with_handoff_and_compressed_ones_get_10
         raw.sendall(ws_raw.frame(ws_raw.OP_PING, b"p"))
         assert ws_raw.read_frame(raw) == (ws_raw.OP_PONG, b"p")
         raw.close()
+
+
+def test_websocket_messages_bytes_and_close_reasons_in_metrics(
+        tmp_path: Path, servers: procs.Servers) -> None:
+    procs.write_app(tmp_path, ECHO_APP.format(tag="old"))
+    server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0 ws", "--workers", "2",
+                           "--pidfile", "octopusd.pid", "--set", "metrics_bind=127.0.0.1:0",
+                           "--set", "max_message_size=100", "--ws-origins", "https://ok")
+    server.wait_ready()
+    server.wait_for_log("metrics on ")
+    metrics = next(m for line in list(server.lines)
+                   if (m := METRICS_ON.search(line))).group(1)
+    address = f"127.0.0.1:{server.port}"
+    sent = 0
+    with ws_connect(f"ws://{address}/") as client:
+        for n in range(3):
+            client.send(f"m{n}")
+            sent += len(client.recv(timeout=5)) + 2  # the frame's 2-byte header
+    for payload, code in ((b"\xff", 1007), (b"x" * 101, 1009)):
+        raw = ws_raw.open_raw(address)
+        raw.sendall(ws_raw.frame(ws_raw.OP_TEXT, payload))
+        assert ws_raw.close_code(ws_raw.read_frame(raw)[1]) == code
+        raw.close()
+    with pytest.raises(websockets.exceptions.InvalidStatus):
+        ws_connect(f"ws://{address}/", origin="https://evil")
+
+    def settled() -> Samples | None:
+        samples = counters(metrics)
+        done = total(samples, "octopus_connections_closed_total") == 4
+        return samples if done else None
+
+    samples = wait_until(settled, message="the counters of the traffic")
+    closed = "octopus_connections_closed_total"
+    assert total(samples, closed, reason="eof") == 1
+    assert total(samples, closed, reason="ws_invalid_utf8") == 1
+    assert total(samples, closed, reason="message_too_large") == 1
+    assert total(samples, closed, reason="ws_handshake") == 1
+    assert total(samples, "octopus_messages_received_total") == 3
+    assert total(samples, "octopus_messages_sent_total") == 3
+    # The replies, the handshake answers and the close frames: at least the replies.
+    assert total(samples, "octopus_sent_bytes_total") > sent
