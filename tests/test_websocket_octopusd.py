@@ -153,3 +153,40 @@ def test_websocket_messages_bytes_and_close_reasons_in_metrics(
     assert total(samples, "octopus_messages_sent_total") == 3
     # The replies, the handshake answers and the close frames: at least the replies.
     assert total(samples, "octopus_sent_bytes_total") > sent
+
+
+BROADCAST_APP = """
+from octopus import SocketConnection
+
+
+class App(SocketConnection):
+    framing = "line"
+
+    def receive(self, message):
+        self.broadcast(message)
+"""
+
+
+def test_broadcast_keeps_text_and_binary_across_workers(
+        tmp_path: Path, servers: procs.Servers) -> None:
+    procs.write_app(tmp_path, BROADCAST_APP)
+    server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0 ws", "--workers", "2",
+                           "--pidfile", "octopusd.pid")
+    server.wait_ready()
+    server.wait_workers(2)
+    clients = []
+    try:
+        def spread() -> bool:
+            clients.append(ws_connect(f"ws://127.0.0.1:{server.port}/").__enter__())
+            workers = procs.status(tmp_path / "octopusd.pid")["workers"]
+            return len(clients) >= 4 and all(w["connections"] > 0 for w in workers)
+
+        wait_until(spread, interval=0.1, message="clients on both workers")
+        clients[0].send("tëxt")
+        clients[-1].send(b"\x00binary")
+        for client in clients:
+            got = {client.recv(timeout=5), client.recv(timeout=5)}
+            assert got == {"tëxt", b"\x00binary"}
+    finally:
+        for client in clients:
+            client.__exit__(None, None, None)
