@@ -5,6 +5,7 @@ for what a well-behaved library will not send."""
 from __future__ import annotations
 
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -265,14 +266,17 @@ def test_a_handshake_over_16_kib_or_too_slow_is_closed_and_counted(
         f"X-Filler-{n}: {'a' * 1000}\r\n".encode() for n in range(20)))
     slow = connect(server.address)
     slow.sendall(b"GET / HTTP/1.1\r\n")
-    for sock in (big, slow):
+    whole = connect(server.address)  # complete, in one send, but over the limit
+    whole.sendall(ws_raw.request(extra="".join(
+        f"X-Filler-{n}: {'a' * 1000}\r\n" for n in range(17))))
+    for sock in (big, slow, whole):
         try:
             while sock.recv(65536):
                 pass
         except ConnectionResetError:
             pass
         sock.close()
-    wait_until(lambda: closes(server, "ws_handshake") == 2)
+    wait_until(lambda: closes(server, "ws_handshake") == 3)
     assert not Echo.events
 
 
@@ -412,6 +416,23 @@ def test_the_ws_counters_reach_the_worker(threaded_server: Start) -> None:
     wait_until(lambda: server.worker.messages_in - before_in == 5)
     assert server.worker.messages_out - before_out == 5
     assert server.worker.bytes_in > 5 * 7 and server.worker.bytes_out > 5 * 3
+
+
+class Paused(SocketConnection):
+    def connect(self) -> None:
+        self.pause_reading()
+
+
+def test_a_paused_websocket_is_not_taken_for_dead(threaded_server: Start) -> None:
+    server = threaded_server(Paused, "127.0.0.1:0 ws", ws_ping_interval=0.05,
+                             ws_ping_timeout=0.1)
+    silent = ws_raw.open_raw(server.address)  # never answers pings, but is paused
+    assert ws_raw.read_frame(silent)[0] == ws_raw.OP_PING
+    later = time.monotonic() + 1.0  # ten ping timeouts
+    wait_until(lambda: time.monotonic() > later, timeout=5)
+    assert len(server.worker.connections) == 1
+    assert closes(server, "ws_ping_timeout") == 0
+    silent.close()
 
 
 def test_a_plain_client_on_a_ws_listener_is_refused(threaded_server: Start) -> None:

@@ -174,7 +174,7 @@ class OpeningHandshake:
             max_size=policy.max_message_size,
             logger=engine_log,
         )
-        self.size = 0
+        self.head = bytearray()  # the first bytes: where the request ends
         self.request: Any = None
         self.early: list[Any] = []  # frames the client sent before our answer
         self.info: WebSocketInfo | None = None
@@ -183,9 +183,14 @@ class OpeningHandshake:
         protocol = self.protocol
         if not data:
             raise HandshakeError("the client closed during the WebSocket handshake")
-        self.size += len(data)
+        head = self.head
+        if len(head) < MAX_HANDSHAKE + 4:
+            head += data[:MAX_HANDSHAKE + 4 - len(head)]
         protocol.receive_data(data)
         events = protocol.events_received()
+        end = head.find(b"\r\n\r\n")
+        if (end < 0 and len(head) > MAX_HANDSHAKE) or end + 4 > MAX_HANDSHAKE:
+            raise HandshakeError(f"WebSocket handshake larger than {MAX_HANDSHAKE} bytes")
         if events:
             self.request, self.early = events[0], events[1:]
             request = self.request
@@ -195,8 +200,6 @@ class OpeningHandshake:
         answer = self._answer()
         if protocol.handshake_exc is not None:
             raise HandshakeError(f"bad WebSocket handshake: {protocol.handshake_exc}", answer)
-        if self.size > MAX_HANDSHAKE:
-            raise HandshakeError(f"WebSocket handshake larger than {MAX_HANDSHAKE} bytes")
         return None
 
     def _answer(self) -> bytes:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from octopus.core.connection import CLOSED, OPEN
 from octopus.core.fdio import write as _write
-from octopus.core.loop import EPOLLOUT, Timer
+from octopus.core.loop import EPOLLIN, EPOLLOUT, Timer
 from octopus.transports.websocket import WebSocketInfo, engine, engine_log, headers_view
 
 if TYPE_CHECKING:
@@ -349,6 +349,11 @@ class WebSocketLayer:
     def _dead(self) -> None:
         self._deadline = None
         conn = self.conn
+        if conn._state == OPEN and not conn._events & EPOLLIN:
+            # Reading is paused (pause_reading()): the pong may wait unread in the
+            # kernel. The peer is held back, not dead: ask again later.
+            self._deadline = conn._worker.loop.call_later(self.policy.ping_timeout, self._dead)
+            return
         if conn._state == OPEN and self._pinged is not None:
             log.info("closing %r: no pong within %gs", conn, self.policy.ping_timeout)
             self._stop_pinging()
