@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from octopus import config, logs
+from octopus.coordination.admission import Table
 from octopus.coordination.scoreboard import RETIRING, STATE_NAMES, Scoreboard
 from octopus.errors import AppImportError, OctopusError
 from octopus.supervisor import pidfile, privileges, systemd
@@ -86,6 +87,7 @@ class Master:
         self._signals = SignalQueue()
         self._selector = selectors.DefaultSelector()
         self.scoreboard = Scoreboard()
+        self.admission = Table()  # per-address counts; pages untouched while no limit is set
         # Distinct even for masters with equal pids in separate pid namespaces.
         self.namespace = f"{os.getpid()}-{secrets.token_hex(8)}"
         self.control: ControlServer | None = None
@@ -311,7 +313,7 @@ class Master:
                 self.scoreboard, slot, index, generation, write_fd, self.namespace,
                 # By key; inherited sockets (LISTEN_FDS) by their "fd://N".
                 [flags[key] if key in flags else flags.get(str(listener.address), frozenset())
-                 for key, listener in listeners.items()]))
+                 for key, listener in listeners.items()], self.admission))
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         self.scoreboard.set_pid(slot, pid)

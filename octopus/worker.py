@@ -29,11 +29,13 @@ import functools
 import logging
 import os
 import socket
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from octopus.config import Settings
+from octopus.coordination.admission import Admission
 from octopus.core.connection import SocketConnection
 from octopus.core.counters import CLOSE_REASONS
 from octopus.core.fdio import acceptor
@@ -66,8 +68,20 @@ _SKIP_ACCEPT_ERRNOS = frozenset({
 # descriptor (non-blocking already) with its peer's address.
 _Accepting = tuple[Callable[[], tuple[int, Any]], Callable[[int, Any], object]]
 
+_CREDENTIALS = struct.Struct("3i")  # struct ucred
+
 # accept() errors that mean this process is out of a resource: pause accepting.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def peer_credentials(fd: int, kind: int) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of Unix socket ``fd``."""
+    sock = socket.socket(socket.AF_UNIX, kind, 0, fd)
+    try:
+        return _CREDENTIALS.unpack(sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+    finally:
+        sock.detach()
 
 
 class Worker:
@@ -82,6 +96,7 @@ class Worker:
         exclusive: bool = False,
         listener_flags: Sequence[frozenset[str]] = (),
         loop: Loop | None = None,
+        admission: Admission | None = None,
     ) -> None:
         # Checked now: an unknown framing would otherwise fail every accept.
         framing = connection_class.framing or settings.framing
@@ -94,6 +109,7 @@ class Worker:
         # flagged ones through a Preamble (which loads the TLS certificate now,
         # so a ConfigError comes before anything is created).
         self._accepting: dict[socket.socket, _Accepting] = {}
+        self.admission = admission = admission or Admission(None)
         flags_of = dict(zip(self.listeners, listener_flags, strict=False))
         for listener in self.listeners:
             # Read once: the socket module's properties build enums at every access.
@@ -104,10 +120,19 @@ class Worker:
                 # set once here, not once per connection.
                 listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             flags = flags_of.get(listener)
-            self._accepting[listener] = (acceptor(listener), (
-                functools.partial(self._open_preamble, listener_policy(flags, settings),
-                                  family, kind)
-                if flags else self._open))
+            by_address = admission.by_address and family != socket.AF_UNIX
+            opener: Callable[[int, Any], object] = (
+                functools.partial(self._open_preamble, listener_policy(
+                    flags, settings, admission if by_address else None), family, kind)
+                if flags else self._open)
+            # Admission at accept, before anything else is done for the client
+            # (flagged listeners check addresses in the preamble: a PROXY
+            # header names the client).
+            if family == socket.AF_UNIX and admission.by_peer:
+                opener = functools.partial(self._admit_peer, opener, kind)
+            elif by_address and not flags:
+                opener = functools.partial(self._admit_address, opener)
+            self._accepting[listener] = (acceptor(listener), opener)
         self.loop = loop or Loop()
         self.connection_class = connection_class
         self.framing = settings.framing
@@ -269,6 +294,7 @@ class Worker:
         except Exception:
             app_log.error("Error in %s() constructor", self.connection_class.__qualname__,
                           exc_info=True)
+            self.admission.release(fd)
             if sock is None:
                 os.close(fd)
             else:
@@ -283,7 +309,23 @@ class Worker:
                        address: object) -> None:
         Preamble(self, policy, socket.socket(family, kind, 0, fd), address).begin()
 
+    def _admit_address(self, opener: Callable[[int, Any], object], fd: int,
+                       address: Any) -> None:
+        if self.admission.admit_address(fd, address) is None:
+            opener(fd, address)
+        else:
+            os.close(fd)
+
+    def _admit_peer(self, opener: Callable[[int, Any], object], kind: int, fd: int,
+                    address: Any) -> None:
+        if self.admission.admit_peer(peer_credentials(fd, kind)) is None:
+            opener(fd, address)
+        else:
+            os.close(fd)
+
     def connection_closed(self, conn: SocketConnection) -> None:
+        if self.admission.held:
+            self.admission.release(conn._fd)
         self.connections.pop(conn._fd, None)
         if self.outbound:
             self.outbound.discard(conn._fd)

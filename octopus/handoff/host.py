@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 from octopus.core.host import Host
 
 if TYPE_CHECKING:
+    from octopus.coordination.admission import Admission
     from octopus.coordination.balance import Balancer
     from octopus.core.connection import SocketConnection
 
@@ -15,4 +16,5 @@ class HandoffHost(Host, Protocol):
     connection_class: type[SocketConnection]
     max_connections: int
     balancer: Balancer | None
+    admission: Admission
     _stopping: bool

@@ -23,6 +23,7 @@ import sys
 from octopus import broadcast, logs
 from octopus.broadcast import local as _local  # noqa: F401  (see drop_privileges)
 from octopus.config import Settings
+from octopus.coordination import admission
 from octopus.coordination.balance import Balancer
 from octopus.coordination.scoreboard import READY, RETIRING
 from octopus.core.connection import SocketConnection
@@ -70,7 +71,8 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
     faulthandler.enable(file=sys.stderr, all_threads=True)
     board, slot = ctx.scoreboard, ctx.slot
     worker = Worker(ctx.listeners, connection_class, settings, exclusive=True,
-                    listener_flags=ctx.listener_flags)
+                    listener_flags=ctx.listener_flags,
+                    admission=admission.for_settings(settings, ctx.admission))
     Balancer(board, slot, ctx.namespace, settings.workers).attach(worker)
     loop = worker.loop
     # An idle loop must still beat several times per timeout.

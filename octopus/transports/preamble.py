@@ -41,6 +41,16 @@ RECV_SIZE = 65536
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+class Gate(Protocol):
+    """Admission by client address (``octopus.coordination.admission.Admission``)."""
+
+    def admit_address(self, fd: int, address: object) -> str | None:
+        """Count ``fd`` for its client; the reason to refuse it instead."""
+
+    def release(self, fd: int) -> None:
+        """``fd`` closed: give its count back (nothing if it held none)."""
+
+
 class Opener(Protocol):
     """What a preamble needs of its worker (``octopus.worker.Worker``)."""
 
@@ -62,6 +72,9 @@ class ListenerPolicy:
     proxy_trusted: tuple[Network, ...]  # empty: any peer may send a header
     proxy_timeout: float
     handshake_timeout: float
+    # Per-address limits, checked once the client's address is known: at
+    # accept, or after the PROXY header on a proxy listener. None: no limit.
+    gate: Gate | None = None
 
     def trusts(self, peer: Any) -> bool:
         if not self.proxy_trusted:
@@ -77,7 +90,8 @@ class ListenerPolicy:
         return any(ip in network for network in self.proxy_trusted)
 
 
-def listener_policy(flags: frozenset[str], settings: Settings) -> ListenerPolicy:
+def listener_policy(flags: frozenset[str], settings: Settings,
+                    gate: Gate | None = None) -> ListenerPolicy:
     """The policy of a listener with ``flags``; the TLS context is loaded now
     (ConfigError with one line when the certificate files are wrong)."""
     return ListenerPolicy(
@@ -87,6 +101,7 @@ def listener_policy(flags: frozenset[str], settings: Settings) -> ListenerPolicy
                             for item in settings.proxy_trusted),
         proxy_timeout=settings.proxy_timeout,
         handshake_timeout=settings.tls_handshake_timeout,
+        gate=gate,
     )
 
 
@@ -120,6 +135,8 @@ class Preamble:
     def begin(self) -> None:
         if self.parser is not None and not self.policy.trusts(self.peer):
             self._fail("proxy_header", "PROXY header from an untrusted peer")
+            return
+        if self.parser is None and not self._admitted():
             return
         self.worker.preambles[self.fd] = self
         self.worker.loop.register(self.fd, EPOLLIN, self._on_events)
@@ -166,6 +183,8 @@ class Preamble:
         if not info.local and info.source is not None:
             self.address, self.proxied_by = info.source, self.peer
         rest, self.parser = self.parser.remainder, None
+        if not self._admitted():
+            return
         if self.policy.tls is None:
             self.early = rest
             self._finish()
@@ -210,10 +229,22 @@ class Preamble:
     def _describe(self) -> str:
         return f"connection from {self.peer!r}"
 
+    def _admitted(self) -> bool:
+        """Whether the client's address may connect; a refused socket is closed
+        (counted by the gate, not as a close: it never was a connection)."""
+        gate = self.policy.gate
+        if gate is None or gate.admit_address(self.fd, self.address) is None:
+            return True
+        self._release()
+        self.sock.close()
+        return False
+
     def _fail(self, reason: str, why: str) -> None:
         log.debug("closing %s: %s", self._describe(), why)
         self.worker.closes[reason] += 1
         self._release()
+        if self.policy.gate is not None:
+            self.policy.gate.release(self.fd)
         self.sock.close()
 
     def abort(self) -> None:
