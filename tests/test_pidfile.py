@@ -57,6 +57,9 @@ def test_stale_pidfile_naming_an_unrelated_process(
     recorded = pidfile.read_text()
     pidfile.write_text(f"{server.pid}\n")  # a plain pidfile, as an older octopusd wrote it
     assert servers.run("status", "--pidfile", "octopusd.pid").returncode == 0
+    os.chown(pidfile, os.getuid() + 4242, -1)  # the same text, written by someone else
+    assert servers.run("status", "--pidfile", "octopusd.pid").returncode == 3
+    pidfile.unlink()
     pidfile.write_text(recorded)
     Path(f"{pidfile}.ctl").unlink()  # the control socket gone: start time and boot id vouch
     stopped = servers.run("stop", "--pidfile", "octopusd.pid", "--timeout", "10")

@@ -8,11 +8,14 @@ the pid in the file, ``find_master`` checks that it is this server's master:
 1. ``/proc/PID/stat`` exists and is not a zombie (a killed master that its
    parent has not reaped yet is gone, not running);
 2. the master's control socket (``<pidfile>.ctl``) accepts a connection whose
-   peer is that pid. The kernel records the pid of the process that called
-   ``listen()`` (SO_PEERCRED), so no other process can answer for it;
+   peer is that pid. The kernel records the pid and uid of the process that
+   called ``listen()`` (SO_PEERCRED), so no other process can answer for it;
 3. failing that (the control socket is not there yet, or was removed), the
    process's start time and the boot id match what the master wrote on the
-   second line, and the process belongs to the user who owns the file.
+   second line.
+
+Either way the process must belong to the user who owns the file: a pidfile
+someone else wrote (in a directory others may write) vouches for nothing.
 
 File format, compatible with readers of a plain pidfile (systemd's PIDFile=,
 ``start-stop-daemon``, ``pkill -F`` read the first line)::
@@ -90,26 +93,28 @@ def boot_id() -> str | None:
         return None
 
 
-def control_answers(path: str, pid: int, timeout: float = 2.0) -> bool:
-    """True when the control socket at ``path`` was opened by process ``pid``."""
+def control_peer(path: str, timeout: float = 2.0) -> tuple[int, int] | None:
+    """(pid, uid) of the process that listens on the control socket at ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(path)
-            peer, _, _ = _PEERCRED.unpack(
+            pid, uid, _ = _PEERCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         except OSError:
-            return False
-    return peer == pid
+            return None
+    return pid, uid
 
 
-def _recorded_identity_matches(path: str, record: Record, info: ProcessInfo) -> bool:
-    if record.start_time is None or record.boot_id is None:
-        return False  # a plain pidfile: only the control socket can vouch for it
+def _is_master(path: str, control: str, record: Record, info: ProcessInfo) -> bool:
     try:
         owner = os.stat(path).st_uid
     except OSError:
         return False
+    if control_peer(control) == (record.pid, owner):
+        return True
+    if record.start_time is None or record.boot_id is None:
+        return False  # a plain pidfile: only the control socket can vouch for it
     return (record.start_time == info.start_time and record.boot_id == boot_id()
             and owner == info.uid)
 
@@ -124,7 +129,7 @@ def find_master(path: str, control: str) -> int:
     info = process_info(record.pid)
     if info is None or info.zombie:
         raise NotRunning(f"not running (pidfile {path}: pid {record.pid} has exited)")
-    if control_answers(control, record.pid) or _recorded_identity_matches(path, record, info):
+    if _is_master(path, control, record, info):
         return record.pid
     raise NotRunning(f"not running (stale pidfile {path}: pid {record.pid} "
                      "is not this server's master)")
