@@ -381,6 +381,22 @@ class Worker:
         self._stopping = True
         self._stop_when_drained()
 
+    def close_listeners(self) -> None:
+        """Retire, and close this process's descriptors of the listening sockets.
+
+        A port stays bound while any process holds a descriptor of its
+        listening socket: once every holder has closed its own, a new server
+        can bind the address again. This worker serves on what it has.
+        """
+        if self._stopping:  # retiring or stopping already: the backlog was taken
+            self.pause_accepting()
+        else:
+            self.retire()
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []  # nothing may accept on a closed descriptor again
+        self._accepting.clear()
+
     def _stop_when_drained(self) -> None:
         if not self.connections:
             self.loop.stop()
