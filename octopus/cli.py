@@ -110,11 +110,12 @@ def _pid_file(config_file: str | None, path: str | None) -> str:
 
 
 def _running_pid(config_file: str | None, path: str | None) -> tuple[int, str]:
+    """The master the pidfile names, once it is proven to be this server's master."""
     path = _pid_file(config_file, path)
-    pid = pidfile.read_pid(path)
-    if pid is None:
-        raise UserError(f"not running (no live process in pidfile {path})", NOT_RUNNING)
-    return pid, path
+    try:
+        return pidfile.find_master(path, control.control_path(path)), path
+    except pidfile.NotRunning as exc:
+        raise UserError(str(exc), NOT_RUNNING) from None
 
 
 def pidfile_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -131,13 +132,7 @@ def pidfile_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def stop(config_file: str | None, pid_path: str | None, timeout: float | None,
          quick: bool) -> None:
     """Stop the master: gracefully (SIGTERM), or at once with --quick (SIGINT)."""
-    try:
-        pid, _ = _running_pid(config_file, pid_path)
-    except UserError as exc:
-        if exc.exit_code != NOT_RUNNING:
-            raise
-        click.echo(f"octopusd: {exc.format_message()}", err=True)
-        return
+    pid, _ = _running_pid(config_file, pid_path)
     if timeout is None:
         timeout = (load_settings(config_file)[0].graceful_timeout if config_file else 30) + 10
     os.kill(pid, signal.SIGINT if quick else signal.SIGTERM)
@@ -159,10 +154,59 @@ def _alive(pid: int) -> bool:
 
 @main.command()
 @pidfile_options
-def reload(config_file: str | None, pid_path: str | None) -> None:
-    """Reload: new workers with fresh code, then retire the old ones (SIGHUP)."""
-    pid, _ = _running_pid(config_file, pid_path)
+@click.option("--no-wait", is_flag=True, help="Only send SIGHUP; do not wait for the outcome.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for the new generation.")
+def reload(config_file: str | None, pid_path: str | None, no_wait: bool,
+           timeout: float) -> None:
+    """Reload: new workers with fresh code, then retire the old ones (SIGHUP).
+
+    Waits until the new generation serves (exit 0), or until the reload has
+    failed and the old generation serves on (exit 1, with the reason).
+    """
+    pid, path = _running_pid(config_file, pid_path)
+    if no_wait:
+        os.kill(pid, signal.SIGHUP)
+        return
+    ctl = control.control_path(path)
+    before = _ask_master(pid, ctl)["reload"]
     os.kill(pid, signal.SIGHUP)
+    snapshot = _wait_for_reload(pid, ctl, before, timeout)
+    outcome, generation = snapshot["reload"], snapshot["master"]["generation"]
+    if outcome["status"] != "ok":
+        raise UserError(f"reload failed: {outcome['error']}; generation {generation} "
+                        "serves on")
+    click.echo(f"reloaded: generation {generation} serving")
+
+
+def _ask_master(pid: int, ctl: str) -> dict[str, Any]:
+    try:
+        return control.query(ctl)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"master {pid} does not answer on its control socket: {exc}") from None
+
+
+def _wait_for_reload(pid: int, ctl: str, before: dict[str, Any],
+                     timeout: float) -> dict[str, Any]:
+    """The first status whose reload outcome answers a request made after ``before``."""
+    asked = before.get("requested")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            snapshot = control.query(ctl)
+        except (OSError, ValueError):
+            if not _alive(pid):
+                raise UserError(f"master {pid} exited before the reload finished") from None
+            snapshot = None  # busy: ask again
+        if snapshot is not None:
+            outcome = snapshot["reload"]
+            if (outcome.get("answered", 0) > asked if asked is not None
+                    else outcome["time"] != before["time"]):  # a master without the count
+                return snapshot
+        if time.monotonic() >= deadline:
+            raise UserError(f"reload not finished after {timeout:g}s (master {pid} is still "
+                            "booting the new workers; see status)")
+        time.sleep(0.05)
 
 
 @main.command()

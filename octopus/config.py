@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import ipaddress
 import json
 import math
 import os
+import pwd
 import re
 import textwrap
 import tomllib
@@ -48,6 +50,55 @@ def _positive_int(value: object) -> int:
     if number is None or number < 1:
         raise _expected("a positive integer", value)
     return number
+
+
+def _count(value: object) -> int:
+    number = _maybe_int(value)
+    if number is None or number < 0:
+        raise _expected("an integer >= 0", value)
+    return number
+
+
+def _rate(value: object) -> float:
+    number = _maybe_float(value)
+    if number is None or number < 0:
+        raise _expected("a number >= 0", value)
+    return number
+
+
+def _ids(lookup: Callable[[str], int], what: str) -> Parser:
+    """A list of ids: numbers, or names looked up now (pwd/grp); or one
+    comma-separated string."""
+
+    def parse(value: object) -> tuple[int, ...]:
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, int):
+            items = [items]
+        if not isinstance(items, (list, tuple)):
+            raise _expected(f"a list of {what} names or ids", value)
+        ids = []
+        for item in items:
+            number = _maybe_int(item)
+            if number is not None and number >= 0:
+                ids.append(number)
+                continue
+            if not isinstance(item, str) or not item.strip() or number is not None:
+                raise _expected(f"a {what} name or an id >= 0", item)
+            try:
+                ids.append(lookup(item.strip()))
+            except KeyError:
+                raise ValueError(f"no {what} named {item.strip()!r}") from None
+        return tuple(ids)
+
+    return parse
+
+
+def _uid(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+def _gid(name: str) -> int:
+    return grp.getgrnam(name).gr_gid
 
 
 def _workers(value: object) -> int:
@@ -379,6 +430,27 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "reload_handoff, compressed connections drain with close code 1012 "
                 "instead of moving.", "off|deflate"),
     )),
+    ("Admission", (
+        Setting("per_ip_connections", _count, 0,
+                "Most open connections from one client address, all workers together "
+                "(on a proxy listener, the address in the PROXY header); 0: no limit. "
+                "Clients behind one NAT share an address. Refused connections are "
+                "closed at accept, before any TLS handshake or connect().", "N"),
+        Setting("per_ip_rate", _rate, 0,
+                "Most new connections per second from one client address (a token "
+                "bucket: bursts of twice that); 0: no limit.", "N"),
+        Setting("admission_dry_run", _bool, False,
+                "Count and log what per_ip_connections, per_ip_rate and the unix_allow "
+                "lists would refuse, and refuse nothing: to tune the limits."),
+        Setting("unix_allow_uids", _ids(_uid, "user"), [],
+                "On Unix listeners, serve only peers whose uid (SO_PEERCRED) is listed "
+                "(user names or ids), or whose gid is in unix_allow_gids; both empty: "
+                "any peer. The one protection of abstract sockets (unix:@name).",
+                "USER", multiple=True),
+        Setting("unix_allow_gids", _ids(_gid, "group"), [],
+                "On Unix listeners, serve peers whose gid is listed (group names or ids).",
+                "GROUP", multiple=True),
+    )),
     ("Metrics", (
         Setting("metrics_bind", _optional(_address), None,
                 "Address where the master serves GET /metrics (Prometheus text format) "
@@ -465,6 +537,11 @@ class Settings:
     ws_ping_timeout: float
     ws_close_timeout: float
     ws_compression: str
+    per_ip_connections: int
+    per_ip_rate: float
+    admission_dry_run: bool
+    unix_allow_uids: tuple[int, ...]
+    unix_allow_gids: tuple[int, ...]
     metrics_bind: str | None
     # Not a user setting: the file load() read (absolute), for reload to read again.
     config_file: str | None = None

@@ -14,6 +14,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from octopus import broadcast, config, logs
+from octopus.coordination import admission
 from octopus.core.connection import SocketConnection
 from octopus.transports.listeners import Listener, bind_all
 from octopus.worker import Worker
@@ -73,7 +74,8 @@ class Octopus:
             log.info("listening on %s", name)
         worker = Worker([listener.sock for listener in listeners],
                         self.connection_class, self.settings,
-                        listener_flags=[flags for _, flags in self.settings.bind_entries()])
+                        listener_flags=[flags for _, flags in self.settings.bind_entries()],
+                        admission=admission.for_settings(self.settings, None))
         broadcast.attach(worker, self.settings)
         if threading.current_thread() is threading.main_thread():
             # A first signal drains; a second one closes everything at once.

@@ -29,11 +29,13 @@ import functools
 import logging
 import os
 import socket
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from octopus.config import Settings
+from octopus.coordination.admission import Admission
 from octopus.core.connection import SocketConnection
 from octopus.core.counters import CLOSE_REASONS
 from octopus.core.fdio import acceptor
@@ -67,8 +69,20 @@ _SKIP_ACCEPT_ERRNOS = frozenset({
 # descriptor (non-blocking already) with its peer's address.
 _Accepting = tuple[Callable[[], tuple[int, Any]], Callable[[int, Any], object]]
 
+_CREDENTIALS = struct.Struct("3i")  # struct ucred
+
 # accept() errors that mean this process is out of a resource: pause accepting.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def peer_credentials(fd: int, kind: int) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of Unix socket ``fd``."""
+    sock = socket.socket(socket.AF_UNIX, kind, 0, fd)
+    try:
+        return _CREDENTIALS.unpack(sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+    finally:
+        sock.detach()
 
 
 class Worker:
@@ -83,6 +97,7 @@ class Worker:
         exclusive: bool = False,
         listener_flags: Sequence[frozenset[str]] = (),
         loop: Loop | None = None,
+        admission: Admission | None = None,
     ) -> None:
         # Checked now: an unknown framing would otherwise fail every accept.
         framing = connection_class.framing or settings.framing
@@ -97,6 +112,7 @@ class Worker:
         self._accepting: dict[socket.socket, _Accepting] = {}
         # Of the ws listeners (a WebSocket moved here by a hand-off is served by it).
         self.websocket_policy: WebSocketPolicy | None = None
+        self.admission = admission = admission or Admission(None)
         flags_of = dict(zip(self.listeners, listener_flags, strict=False))
         for listener in self.listeners:
             # Read once: the socket module's properties build enums at every access.
@@ -107,12 +123,22 @@ class Worker:
                 # set once here, not once per connection.
                 listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             flags = flags_of.get(listener)
-            policy = listener_policy(flags, settings) if flags else None
-            self._accepting[listener] = (acceptor(listener), (
-                functools.partial(self._open_preamble, policy, family, kind)
-                if policy is not None else self._open))
+            by_address = admission.by_address and family != socket.AF_UNIX
+            policy = (listener_policy(flags, settings, admission if by_address else None)
+                      if flags else None)
             if policy is not None and policy.websocket is not None:
                 self.websocket_policy = policy.websocket
+            opener: Callable[[int, Any], object] = (
+                functools.partial(self._open_preamble, policy, family, kind)
+                if policy is not None else self._open)
+            # Admission at accept, before anything else is done for the client
+            # (flagged listeners check addresses in the preamble: a PROXY
+            # header names the client).
+            if family == socket.AF_UNIX and admission.by_peer:
+                opener = functools.partial(self._admit_peer, opener, kind)
+            elif by_address and not flags:
+                opener = functools.partial(self._admit_address, opener)
+            self._accepting[listener] = (acceptor(listener), opener)
         self.loop = loop or Loop()
         self.connection_class = connection_class
         self.framing = settings.framing
@@ -276,6 +302,7 @@ class Worker:
         except Exception:
             app_log.error("Error in %s() constructor", self.connection_class.__qualname__,
                           exc_info=True)
+            self.admission.release(fd)
             if sock is None:
                 os.close(fd)
             else:
@@ -290,7 +317,23 @@ class Worker:
                        address: object) -> None:
         Preamble(self, policy, socket.socket(family, kind, 0, fd), address).begin()
 
+    def _admit_address(self, opener: Callable[[int, Any], object], fd: int,
+                       address: Any) -> None:
+        if self.admission.admit_address(fd, address) is None:
+            opener(fd, address)
+        else:
+            os.close(fd)
+
+    def _admit_peer(self, opener: Callable[[int, Any], object], kind: int, fd: int,
+                    address: Any) -> None:
+        if self.admission.admit_peer(peer_credentials(fd, kind)) is None:
+            opener(fd, address)
+        else:
+            os.close(fd)
+
     def connection_closed(self, conn: SocketConnection) -> None:
+        if self.admission.held:
+            self.admission.release(conn._fd)
         self.connections.pop(conn._fd, None)
         if self.outbound:
             self.outbound.discard(conn._fd)
@@ -364,6 +407,22 @@ class Worker:
         for conn in list(self.connections.values()):
             if conn._ws is not None:
                 conn._close_after_output("ws_restart")
+
+    def close_listeners(self) -> None:
+        """Retire, and close this process's descriptors of the listening sockets.
+
+        A port stays bound while any process holds a descriptor of its
+        listening socket: once every holder has closed its own, a new server
+        can bind the address again. This worker serves on what it has.
+        """
+        if self._stopping:  # retiring or stopping already: the backlog was taken
+            self.pause_accepting()
+        else:
+            self.retire()
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []  # nothing may accept on a closed descriptor again
+        self._accepting.clear()
 
     def _stop_when_drained(self) -> None:
         if not self.connections:

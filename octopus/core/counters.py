@@ -31,6 +31,10 @@ CLOSE_REASONS = (
     "ws_restart",  # a WebSocket closed by a reload that drained it (1012)
 )
 
+# Why admission control refused a connection (``Worker.admission.refused``;
+# ``would_refuse`` counts the same under admission_dry_run).
+REFUSE_REASONS = ("per_ip_connections", "per_ip_rate", "peer_uid")
+
 # Why the worker stopped accepting for a while (``Worker.accept_pauses``).
 ACCEPT_PAUSE_CAUSES = ("max_connections", "fd_limit", "fair_share")
 
@@ -51,6 +55,10 @@ COUNTERS: tuple[str, ...] = (
     WORKER_ATTRIBUTES
     + tuple(f"closes.{reason}" for reason in CLOSE_REASONS)
     + tuple(f"accept_pauses.{cause}" for cause in ACCEPT_PAUSE_CAUSES)
+    + tuple(f"refused.{reason}" for reason in REFUSE_REASONS)
+    + tuple(f"would_refuse.{reason}" for reason in REFUSE_REASONS)
+    # admission table entries this worker evicted to make room
+    + ("admission_evictions",)
 )
 
 _attributes = operator.attrgetter(*WORKER_ATTRIBUTES)
@@ -58,10 +66,14 @@ _attributes = operator.attrgetter(*WORKER_ATTRIBUTES)
 
 def collect(worker: Any) -> tuple[int, ...]:
     """The worker's counters, in the order of ``COUNTERS``."""
-    closes, pauses = worker.closes, worker.accept_pauses
+    closes, pauses, admission = worker.closes, worker.accept_pauses, worker.admission
+    refused, would_refuse = admission.refused, admission.would_refuse
     return (*_attributes(worker),
             *[closes[reason] for reason in CLOSE_REASONS],
-            *[pauses[cause] for cause in ACCEPT_PAUSE_CAUSES])
+            *[pauses[cause] for cause in ACCEPT_PAUSE_CAUSES],
+            *[refused[reason] for reason in REFUSE_REASONS],
+            *[would_refuse[reason] for reason in REFUSE_REASONS],
+            admission.evictions)
 
 
 def by_name(values: tuple[int, ...]) -> dict[str, int]:

@@ -336,6 +336,7 @@ class Evacuation:
         conn._state = CLOSED
         conn._corked = False
         conn._wbuf.clear()
+        self.worker.admission.release(conn._fd)  # counted again where it arrives
         conn._close_socket()
         # It stays in worker.connections (CLOSED: send() does nothing) until the
         # COMMIT is written: the worker exits once that table is empty.

@@ -299,6 +299,7 @@ class _Taker:
         loop.register(fd, events,
                       conn._on_events if events & EPOLLIN else conn._on_paused_events)
         worker.connections[fd] = conn
+        worker.admission.carry(fd, conn.address)
         if worker.idle_timeout > 0:
             conn._last_input = loop.time - idle_for
             conn._idle_timer = loop.call_later(max(0.0, worker.idle_timeout - idle_for),

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 from octopus.core.host import Host
 
 if TYPE_CHECKING:
+    from octopus.coordination.admission import Admission
     from octopus.coordination.balance import Balancer
     from octopus.core.connection import SocketConnection
     from octopus.transports.websocket import WebSocketPolicy
@@ -16,6 +17,7 @@ class HandoffHost(Host, Protocol):
     connection_class: type[SocketConnection]
     max_connections: int
     balancer: Balancer | None
+    admission: Admission
     _stopping: bool
     websocket_policy: WebSocketPolicy | None  # of its ws listeners; None: it has none
 

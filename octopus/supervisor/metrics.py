@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from octopus.coordination.scoreboard import STATE_NAMES
-from octopus.core.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS, COUNTERS, by_name
+from octopus.core.counters import (
+    ACCEPT_PAUSE_CAUSES,
+    CLOSE_REASONS,
+    COUNTERS,
+    REFUSE_REASONS,
+    by_name,
+)
 from octopus.supervisor.exposition import CONTENT_TYPE, Family, render
 from octopus.supervisor.httpserve import Route
 
@@ -76,6 +82,9 @@ _PLAIN = {
                            "because it stopped reading."),
     "redis_gap": ("broadcast_redis_gap_total",
                   "Broadcasts that did not reach other servers: Redis was down or slow."),
+    "admission_evictions": ("admission_evictions_total",
+                            "Entries of the per-address admission table evicted to make "
+                            "room: that address's count started afresh."),
 }
 
 
@@ -271,6 +280,12 @@ class MasterMetrics:
                          "Connections closed, by reason: " + ", ".join(CLOSE_REASONS) + ".")
         paused = _family("accept_pauses_total", "counter",
                          "Times a worker stopped accepting for a while, by cause.")
+        refused = _family("connections_refused_total", "counter",
+                          "Connections refused by admission control, by reason: "
+                          + ", ".join(REFUSE_REASONS) + ".")
+        dry_run = _family("connections_refused_dry_run_total", "counter",
+                          "Connections admission control would have refused, by reason "
+                          "(admission_dry_run: they were served).")
         for index in sorted(counters):
             values, worker = counters[index], str(index)
             for name, family in plain.items():
@@ -280,7 +295,11 @@ class MasterMetrics:
             for cause in ACCEPT_PAUSE_CAUSES:
                 paused.add(values[position[f"accept_pauses.{cause}"]], worker=worker,
                            cause=cause)
-        return [*plain.values(), closed, paused]
+            for reason in REFUSE_REASONS:
+                refused.add(values[position[f"refused.{reason}"]], worker=worker, reason=reason)
+                dry_run.add(values[position[f"would_refuse.{reason}"]], worker=worker,
+                            reason=reason)
+        return [*plain.values(), closed, paused, refused, dry_run]
 
     def _worker_gauges(self, master: Master) -> list[Family]:
         states = _family("workers", "gauge", "Worker processes by state.")

@@ -50,6 +50,16 @@ RECV_SIZE = 65536
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+class Gate(Protocol):
+    """Admission by client address (``octopus.coordination.admission.Admission``)."""
+
+    def admit_address(self, fd: int, address: object) -> str | None:
+        """Count ``fd`` for its client; the reason to refuse it instead."""
+
+    def release(self, fd: int) -> None:
+        """``fd`` closed: give its count back (nothing if it held none)."""
+
+
 class Opener(Protocol):
     """What a preamble needs of its worker (``octopus.worker.Worker``)."""
 
@@ -74,6 +84,9 @@ class ListenerPolicy:
     proxy_timeout: float
     handshake_timeout: float
     websocket: WebSocketPolicy | None = None
+    # Per-address limits, checked once the client's address is known: at
+    # accept, or after the PROXY header on a proxy listener. None: no limit.
+    gate: Gate | None = None
 
     def trusts(self, peer: Any) -> bool:
         if not self.proxy_trusted:
@@ -89,7 +102,8 @@ class ListenerPolicy:
         return any(ip in network for network in self.proxy_trusted)
 
 
-def listener_policy(flags: frozenset[str], settings: Settings) -> ListenerPolicy:
+def listener_policy(flags: frozenset[str], settings: Settings,
+                    gate: Gate | None = None) -> ListenerPolicy:
     """The policy of a listener with ``flags``; the TLS context is loaded now
     (ConfigError with one line when the certificate files are wrong)."""
     return ListenerPolicy(
@@ -100,6 +114,7 @@ def listener_policy(flags: frozenset[str], settings: Settings) -> ListenerPolicy
         proxy_timeout=settings.proxy_timeout,
         handshake_timeout=settings.tls_handshake_timeout,
         websocket=websocket_policy(settings) if "ws" in flags else None,
+        gate=gate,
     )
 
 
@@ -137,6 +152,8 @@ class Preamble:
     def begin(self) -> None:
         if self.parser is not None and not self.policy.trusts(self.peer):
             self._fail("proxy_header", "PROXY header from an untrusted peer")
+            return
+        if self.parser is None and not self._admitted():
             return
         self.worker.preambles[self.fd] = self
         self.worker.loop.register(self.fd, EPOLLIN, self._on_events)
@@ -189,6 +206,8 @@ class Preamble:
         if not info.local and info.source is not None:
             self.address, self.proxied_by = info.source, self.peer
         rest, self.parser = self.parser.remainder, None
+        if not self._admitted():
+            return
         if self.policy.tls is not None:
             self._start_tls(rest)
         elif self.policy.websocket is not None:
@@ -295,10 +314,22 @@ class Preamble:
     def _describe(self) -> str:
         return f"connection from {self.peer!r}"
 
+    def _admitted(self) -> bool:
+        """Whether the client's address may connect; a refused socket is closed
+        (counted by the gate, not as a close: it never was a connection)."""
+        gate = self.policy.gate
+        if gate is None or gate.admit_address(self.fd, self.address) is None:
+            return True
+        self._release()
+        self.sock.close()
+        return False
+
     def _fail(self, reason: str, why: str) -> None:
         log.debug("closing %s: %s", self._describe(), why)
         self.worker.closes[reason] += 1
         self._release()
+        if self.policy.gate is not None:
+            self.policy.gate.release(self.fd)
         self.sock.close()
 
     def abort(self) -> None:
