@@ -40,6 +40,12 @@
  * established is reconnected; one whose connect failed stays down (in
  * connect mode, the slot tries again).
  *
+ * WebSocket (--ws; the echo modes): every connection first sends an HTTP
+ * upgrade request and reads the 101 answer; every message is then one masked
+ * binary frame of S payload bytes (the mask key is zero, which a server must
+ * accept and which leaves the payload as it is), and is complete when the
+ * unmasked binary frame of S bytes came back. With --tls too: wss.
+ *
  * TLS (--tls, in a build with -DLOADGEN_TLS linked with -lssl -lcrypto): every
  * connection runs a non-blocking handshake (SSL_connect's WANT_READ and
  * WANT_WRITE drive epoll) before its traffic starts; the certificate is not
@@ -77,16 +83,18 @@
 enum mode { M_PINGPONG, M_PIPELINE, M_CONNECT, M_BROADCAST, M_IDLE };
 static const char *mode_names[] = {"pingpong", "pipeline", "connect", "broadcast", "idle"};
 
-enum state { ST_NONE, ST_CONNECTING, ST_HANDSHAKE, ST_ACTIVE, ST_IDLE, ST_DEAD };
+enum state { ST_NONE, ST_CONNECTING, ST_HANDSHAKE, ST_WS, ST_ACTIVE, ST_IDLE, ST_DEAD };
 
 /* ---- options and shared run state ---- */
 
 static struct {
     enum mode mode;
     const char *addr;
-    int conns, size, pipeline, threads, senders, concurrency, quiet, tls;
+    int conns, size, pipeline, threads, senders, concurrency, quiet, tls, ws;
     double duration, warmup, drain;
-} opt = {M_PINGPONG, NULL, 50, 64, 1, 1, 1, 256, 0, 0, 5.0, 1.0, 3.0};
+} opt = {M_PINGPONG, NULL, 50, 64, 1, 1, 1, 256, 0, 0, 0, 5.0, 1.0, 3.0};
+/* Bytes of one message on the wire, out and back: S, or with --ws the frames. */
+static uint64_t g_out, g_in;
 
 static struct sockaddr_storage g_sa;
 static socklen_t g_salen;
@@ -171,6 +179,8 @@ struct conn {
     int64_t *last_seq;      /* per sender */
     uint64_t seq;
     char *wbuf;             /* a sender's own ring of in-flight lines */
+    char hs[512];           /* --ws: the upgrade answer read so far */
+    int hs_len;
 #ifdef LOADGEN_TLS
     SSL *ssl;               /* NULL on a plain connection */
 #endif
@@ -211,6 +221,7 @@ static void close_conn(struct conn *c) {
     c->wleft = c->wpos = c->racc = 0;
     c->inflight = c->ts_head = c->ts_tail = 0;
     c->llen = 0;
+    c->hs_len = 0;
 }
 
 /* ---- plain or TLS I/O: send() and recv(), or SSL_write() and SSL_read() ---- */
@@ -343,7 +354,7 @@ static void queue_msgs(struct conn *c, int n, uint64_t now) {
         c->ts_tail = (c->ts_tail + 1) % opt.pipeline;
         c->inflight++;
     }
-    c->wleft += (uint64_t)n * (uint64_t)opt.size;
+    c->wleft += (uint64_t)n * g_out;
 }
 
 /* Queue one broadcast line (S bytes). A sender's ring holds P lines and at
@@ -369,7 +380,7 @@ static void queue_line(struct thr *t, struct conn *c, uint64_t now) {
 static int do_write(struct thr *t, struct conn *c) {
     const char *buf = t->sbuf;
     size_t len = t->sbuf_len;
-    uint64_t period = (uint64_t)opt.size; /* the echo stream repeats every message */
+    uint64_t period = g_out; /* the echo stream repeats every message */
     if (c->wbuf) {
         buf = c->wbuf;
         len = (size_t)opt.size * (size_t)opt.pipeline;
@@ -433,7 +444,7 @@ static int tls_handshake(struct thr *t, struct conn *c, uint64_t now, int regist
         if (!atomic_exchange(&g_tls_info_set, 1))
             snprintf(g_tls_info, sizeof g_tls_info, "%s %s", SSL_get_version(c->ssl),
                      SSL_get_cipher_name(c->ssl));
-        return start_traffic(t, c, now, registered);
+        return transport_ready(t, c, now, registered);
     }
     uint32_t ev = 0;
     switch (SSL_get_error(c->ssl, r)) {
@@ -452,6 +463,58 @@ static int tls_handshake(struct thr *t, struct conn *c, uint64_t now, int regist
 }
 #endif
 
+static const char WS_REQUEST[] =
+    "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/* --ws: the transport is up; send the upgrade request (it fits any fresh
+ * socket buffer) and wait for the answer. */
+static int ws_begin(struct thr *t, struct conn *c, int registered) {
+    ssize_t w = io_send(c, WS_REQUEST, sizeof WS_REQUEST - 1);
+    if (w != (ssize_t)(sizeof WS_REQUEST - 1)) {
+        count_error(t, w < 0 ? errno : EPROTO);
+        return -1;
+    }
+    c->state = ST_WS;
+    c->hs_len = 0;
+    set_events(t, c, EPOLLIN, registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD);
+    return 0;
+}
+
+/* --ws: read the upgrade answer; the traffic starts after its blank line. */
+static int ws_answer(struct thr *t, struct conn *c, uint64_t now) {
+    for (;;) {
+        ssize_t r = io_recv(c, c->hs + c->hs_len, sizeof c->hs - 1 - (size_t)c->hs_len);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && errno == EAGAIN) return 0;
+        if (r <= 0) {
+            count_error(t, r < 0 ? errno : ECONNRESET);
+            return -1;
+        }
+        c->hs_len += (int)r;
+        c->hs[c->hs_len] = 0;
+        char *end = strstr(c->hs, "\r\n\r\n");
+        if (end) {
+            /* Nothing may follow the answer: the server speaks only when asked. */
+            if (strncmp(c->hs, "HTTP/1.1 101", 12) != 0 || end + 4 != c->hs + c->hs_len) {
+                t->st.err_protocol++;
+                return -1;
+            }
+            return start_traffic(t, c, now, 1);
+        }
+        if (c->hs_len >= (int)sizeof c->hs - 1) {
+            t->st.err_protocol++;
+            return -1;
+        }
+    }
+}
+
+/* Over TLS the handshake is done: the upgrade (--ws), else the traffic. */
+static int transport_ready(struct thr *t, struct conn *c, uint64_t now, int registered) {
+    if (opt.ws) return ws_begin(t, c, registered);
+    return start_traffic(t, c, now, registered);
+}
+
 /* The socket is connected: over TLS the handshake starts, else the traffic. */
 static int connected(struct thr *t, struct conn *c, uint64_t now, int registered) {
 #ifdef LOADGEN_TLS
@@ -463,7 +526,7 @@ static int connected(struct thr *t, struct conn *c, uint64_t now, int registered
         return tls_handshake(t, c, now, registered);
     }
 #endif
-    return start_traffic(t, c, now, registered);
+    return transport_ready(t, c, now, registered);
 }
 
 static int finish_connect(struct thr *t, struct conn *c, uint64_t now) {
@@ -578,8 +641,8 @@ static int do_read(struct thr *t, struct conn *c, uint64_t now) {
                 consume_lines(t, c, t->rbuf, (size_t)r, now);
             } else {
                 c->racc += (uint64_t)r;
-                while (c->racc >= (uint64_t)opt.size && c->inflight > 0) {
-                    c->racc -= (uint64_t)opt.size;
+                while (c->racc >= g_in && c->inflight > 0) {
+                    c->racc -= g_in;
                     if (opt.mode == M_CONNECT || opt.mode == M_IDLE) {
                         cycle_complete(t, c, now);
                         return c->state == ST_IDLE ? 0 : -2;
@@ -587,7 +650,7 @@ static int do_read(struct thr *t, struct conn *c, uint64_t now) {
                     echo_complete(t, c, now);
                     if (now < t_end) queue_msgs(c, 1, now);
                 }
-                if (c->racc >= (uint64_t)opt.size) { /* more came back than was sent */
+                if (c->racc >= g_in) { /* more came back than was sent */
                     t->st.err_protocol++;
                     c->racc = 0;
                 }
@@ -638,6 +701,10 @@ static void handle_event(struct thr *t, struct conn *c, uint32_t ev) {
         return;
     }
 #endif
+    if (c->state == ST_WS) {
+        if (ws_answer(t, c, now) < 0) fail_and_retry(t, c, now);
+        return;
+    }
     if (c->state != ST_ACTIVE) return;
     int rc = 0;
     if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) rc = do_read(t, c, now);
@@ -771,7 +838,8 @@ static void usage(void) {
             "broadcast|idle]\n"
             "               [-c CONNS] [-s SIZE] [-p INFLIGHT] [-t THREADS] [-d SECONDS]\n"
             "               [-w WARMUP] [-k SENDERS] [--drain SECONDS] [--concurrency N] [-q]\n"
-            "               [--tls]   (loadgen_tls: a build with -DLOADGEN_TLS)\n");
+            "               [--tls]   (loadgen_tls: a build with -DLOADGEN_TLS)\n"
+            "               [--ws]    (WebSocket: binary frames; not with broadcast)\n");
     exit(2);
 }
 
@@ -784,6 +852,7 @@ static void parse_args(int argc, char **argv) {
         {"senders", required_argument, 0, 'k'},  {"drain", required_argument, 0, 'D'},
         {"concurrency", required_argument, 0, 'C'}, {"quiet", no_argument, 0, 'q'},
         {"tls", no_argument, 0, 'T'},            {"help", no_argument, 0, 'h'},
+        {"ws", no_argument, 0, 'W'},
         {0, 0, 0, 0}};
     int ch, pipeline_set = 0;
     while ((ch = getopt_long(argc, argv, "a:m:c:s:p:t:d:w:k:qh", lo, NULL)) != -1) {
@@ -807,6 +876,7 @@ static void parse_args(int argc, char **argv) {
         case 'C': opt.concurrency = atoi(optarg); break;
         case 'q': opt.quiet = 1; break;
         case 'T': opt.tls = 1; break;
+        case 'W': opt.ws = 1; break;
         default: usage();
         }
     }
@@ -824,6 +894,10 @@ static void parse_args(int argc, char **argv) {
         exit(2);
     }
 #endif
+    uint64_t head = opt.size < 126 ? 2 : opt.size < 65536 ? 4 : 10;
+    g_out = opt.ws ? head + 4 + (uint64_t)opt.size : (uint64_t)opt.size;
+    g_in = opt.ws ? head + (uint64_t)opt.size : (uint64_t)opt.size;
+    if (opt.ws && opt.mode == M_BROADCAST) usage();
     if (opt.mode == M_BROADCAST) {
         if (opt.size < 48) {
             fprintf(stderr, "loadgen: broadcast messages need --size >= 48\n");
@@ -857,10 +931,29 @@ static void setup_thread(struct thr *t, int index) {
     t->nconns = opt.conns / opt.threads + (index < opt.conns % opt.threads);
     t->conns = calloc((size_t)t->nconns, sizeof *t->conns);
     size_t s = (size_t)opt.size;
-    size_t reps = (size_t)opt.pipeline + 65536 / s + 2;
-    t->sbuf_len = s * reps;
+    size_t m = (size_t)g_out; /* one message on the wire */
+    size_t reps = (size_t)opt.pipeline + 65536 / m + 2;
+    t->sbuf_len = m * reps;
     t->sbuf = malloc(t->sbuf_len);
-    for (size_t i = 0; i < t->sbuf_len; i++) t->sbuf[i] = (i % s == s - 1) ? '\n' : 'x';
+    size_t head = m - s; /* --ws: the frame header, then the zero mask key */
+    for (size_t r = 0; r < reps; r++) {
+        char *p = t->sbuf + r * m;
+        if (head) {
+            p[0] = (char)0x82;
+            if (s < 126) {
+                p[1] = (char)(0x80 | s);
+            } else if (s < 65536) {
+                p[1] = (char)(0x80 | 126);
+                p[2] = (char)(s >> 8);
+                p[3] = (char)s;
+            } else {
+                p[1] = (char)(0x80 | 127);
+                for (int k = 0; k < 8; k++) p[2 + k] = (char)((uint64_t)s >> (56 - 8 * k));
+            }
+            memset(p + head - 4, 0, 4);
+        }
+        for (size_t i = 0; i < s; i++) p[head + i] = (i == s - 1) ? '\n' : 'x';
+    }
     t->rbuf_len = 65536;
     t->rbuf = malloc(t->rbuf_len);
     for (int i = 0; i < t->nconns; i++) {
