@@ -449,3 +449,16 @@ def test_a_plain_client_on_a_ws_listener_is_refused(threaded_server: Start) -> N
     assert not data.startswith(b"HTTP/1.1 101")
     wait_until(lambda: closes(server, "ws_handshake") == 1)
     assert not Echo.events
+
+
+def test_a_close_the_peer_never_answers_ends_after_ws_close_timeout(
+        threaded_server: Start) -> None:
+    server = threaded_server(Echo, "127.0.0.1:0 ws", ws_close_timeout=0.1)
+    sock = ws_raw.open_raw(server.address)
+    sock.sendall(ws_raw.frame(ws_raw.OP_TEXT, b"bye"))  # the server disconnects: 1000
+    op, payload = ws_raw.read_frame(sock)
+    assert (op, ws_raw.close_code(payload)) == (ws_raw.OP_CLOSE, 1000)
+    # No close frame back, no EOF: the server gives up well before its 2 s linger.
+    wait_until(lambda: ("close",) in Echo.events, timeout=1.5)
+    assert closes(server, "disconnect") == 1
+    sock.close()
