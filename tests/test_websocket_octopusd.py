@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests import procs, ws_raw
+from tests.bcast_procs import REDIS_SERVER, Procs
 from tests.helpers import wait_until
 from tests.test_handoff import handoff_counts
 from tests.test_metrics import METRICS_ON, Samples, counters, total
@@ -190,3 +191,41 @@ def test_broadcast_keeps_text_and_binary_across_workers(
     finally:
         for client in clients:
             client.__exit__(None, None, None)
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+def test_text_stays_text_through_redis(tmp_path: Path, servers: procs.Servers) -> None:
+    group = Procs(tmp_path)
+    try:
+        redis = group.redis()
+        procs.write_app(tmp_path, BROADCAST_APP)
+        url = f"redis://127.0.0.1:{redis.port}/0"
+        ports = []
+        for _ in range(2):
+            server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0 ws",
+                                   "--broadcast", url)
+            server.wait_ready()
+            ports.append(server.port)
+        with ws_connect(f"ws://127.0.0.1:{ports[0]}/") as one, \
+                ws_connect(f"ws://127.0.0.1:{ports[1]}/") as two:
+
+            def crossed() -> bool:  # both servers subscribed: a probe gets across
+                one.send("probe")
+                try:
+                    while two.recv(timeout=0.2) != "probe":
+                        pass
+                    return True
+                except TimeoutError:
+                    return False
+
+            wait_until(crossed, timeout=10, message="Redis to carry a broadcast")
+            one.send("tëxt")
+            one.send(b"\x00\x01bin")
+            got = []
+            while len(got) < 2:
+                message = two.recv(timeout=5)
+                if message != "probe":
+                    got.append(message)
+            assert got == ["tëxt", b"\x00\x01bin"]
+    finally:
+        group.close()
