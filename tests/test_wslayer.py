@@ -127,6 +127,27 @@ def test_the_fast_path_hands_over_at_the_first_frame_it_does_not_take() -> None:
     assert target.conn.closed == ["ws_invalid_utf8"]
 
 
+def test_unread_is_the_incomplete_frame_after_every_chunk() -> None:
+    wire, messages, _ = stream()
+    boundaries, pos = [0], 0
+    while pos < len(wire):  # where each frame ends (client frames: masked)
+        size = wire[pos + 1] & 0x7F
+        head = 6 if size < 126 else 8 if size == 126 else 14
+        if size >= 126:
+            size = int.from_bytes(wire[pos + 2:pos + head - 4], "big")
+        pos += head + size
+        boundaries.append(pos)
+    rng = random.Random(5)
+    target, got, fed = layer(), [], 0
+    while fed < len(wire):
+        upto = min(len(wire), fed + rng.randrange(1, 3000))
+        got += target.feed_messages(wire[fed:upto])
+        fed = upto
+        start = max(b for b in boundaries if b <= fed)
+        assert target.unread() == wire[start:fed]
+    assert got == messages
+
+
 def test_a_partial_frame_is_kept_for_a_handoff() -> None:
     target = layer()
     frame = ws_raw.frame(ws_raw.OP_BINARY, b"x" * 1000)

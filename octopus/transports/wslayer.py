@@ -21,6 +21,12 @@ peer, or an error in its input, is answered once the messages read before it
 have been delivered (``call_soon``), then the connection closes as after
 ``disconnect()``. A close the server starts waits ``ws_close_timeout`` at most.
 
+Reading: whole, final, masked text and binary frames up to 64 KiB, the
+bulk of traffic, are read by the layer itself at a frame boundary (the
+engine's generator costs several times more per frame); from the first
+frame of any other kind the engine reads the rest. The layer follows the
+frame headers so that a hand-off can carry exactly the unread input.
+
 Broadcast: without compression a frame depends only on the message, so the
 last one encoded is kept, and a broadcast to N WebSocket clients encodes it
 once.
@@ -56,6 +62,21 @@ _REASONS = {1002: "ws_protocol_error", 1007: "ws_invalid_utf8", 1009: "message_t
 _H2 = struct.Struct("!BBH")
 _H8 = struct.Struct("!BBQ")
 _cache: tuple[object, bytes] = (None, b"")  # the last message encoded, and its frame
+
+
+def _header_size(head: bytearray) -> int:
+    """Bytes of a client frame's header (the mask included) that starts with ``head``."""
+    if len(head) < 2:
+        return 2
+    size = head[1] & 0x7F
+    return 6 if size < 126 else 8 if size == 126 else 14
+
+
+def _payload_size(head: bytearray) -> int:
+    size = head[1] & 0x7F
+    if size < 126:
+        return size
+    return int.from_bytes(head[2:4] if size == 126 else head[2:10], "big")
 
 
 def encode(message: str | bytes) -> bytes:
@@ -104,7 +125,8 @@ class WebSocketLayer:
         self._parts: list[Any] = []  # the fragments of the message being received
         self._text = False
         self._decoder: Any = None
-        self._wire = bytearray()  # the incomplete frame at the end of the input
+        self._head = bytearray()  # the header of the frame still incomplete
+        self._left = 0  # payload bytes that frame still lacks, once its header is whole
         self._early = early or []
         self._close_sent = False
         # Frame boundaries in the output, in bytes produced since the write
@@ -130,7 +152,7 @@ class WebSocketLayer:
     def feed_messages(self, data: bytes) -> list[Any]:
         protocol = self.protocol
         fast: list[Any] = []
-        if data and self._plain and not self._wire and protocol.current_size is None \
+        if data and self._plain and not self._head and protocol.current_size is None \
                 and protocol.state is self._open:
             fast, used = self._simple_frames(data)
             if used == len(data):
@@ -219,39 +241,44 @@ class WebSocketLayer:
         return messages
 
     def _track(self, data: bytes) -> None:
-        """Keep the bytes of the frame still incomplete at the end of the input
-        (what a hand-off must carry): scan the frame headers past the last boundary."""
-        wire = self._wire
-        if wire:
-            wire += data
-            view: Any = wire
-        else:
-            view = data
-        end, pos = len(view), 0
-        while end - pos >= 2:
-            size = view[pos + 1] & 0x7F
-            head = 6  # 2 + the mask (client frames are masked)
-            if size == 126:
-                head = 8
-                if end - pos < 4:
-                    break
-                size = (view[pos + 2] << 8) | view[pos + 3]
-            elif size == 127:
-                head = 14
-                if end - pos < 10:
-                    break
-                size = int.from_bytes(view[pos + 2:pos + 10], "big")
-            if end - pos < head + size:
-                break
-            pos += head + size
-        if wire:
-            del wire[:pos]
-        elif pos < end:
-            self._wire = bytearray(view[pos:])
+        """Follow the frame boundaries of the input and keep the header of the
+        frame still incomplete at its end (payload bytes are not copied): with
+        what the engine buffers, that is the input a hand-off carries."""
+        head, left = self._head, self._left
+        end, pos = len(data), 0
+        while pos < end:
+            if left:  # the payload of a frame whose header is complete
+                take = min(left, end - pos)
+                left -= take
+                pos += take
+                if not left:
+                    head.clear()
+                continue
+            need = _header_size(head)
+            take = min(need - len(head), end - pos)
+            head += data[pos:pos + take]
+            pos += take
+            if len(head) == _header_size(head):
+                left = _payload_size(head)
+                if not left:
+                    head.clear()
+        self._left = left
 
     def unread(self) -> bytes:
-        """The input of the frame not yet complete (a hand-off carries it)."""
-        return bytes(self._wire)
+        """The input of the frame not yet complete (a hand-off carries it).
+
+        The engine reads a frame's header in steps (2 bytes, the extended
+        length, the mask) and the payload once whole: it holds what follows the
+        steps it took in its buffer."""
+        head, size = self._head, len(self._head)
+        if not size or size < 2:
+            taken = 0
+        elif self._left:
+            taken = size  # the whole header: the payload waits in the buffer
+        else:
+            extended = {126: 2, 127: 8}.get(head[1] & 0x7F, 0)
+            taken = 2 if size < 2 + extended else 2 + extended
+        return bytes(head[:taken]) + bytes(self.protocol.reader.buffer)
 
     # -- output --
 
