@@ -12,6 +12,7 @@ from tests.bcast_procs import REDIS_SERVER, Procs
 from tests.helpers import wait_until
 from tests.test_handoff import handoff_counts
 from tests.test_metrics import METRICS_ON, Samples, counters, total
+from tests.tls_certs import make_certs
 
 websockets = pytest.importorskip("websockets", reason="the ws extra: pip install 'octopus[ws]'")
 from websockets.exceptions import ConnectionClosed  # noqa: E402
@@ -229,3 +230,24 @@ def test_text_stays_text_through_redis(tmp_path: Path, servers: procs.Servers) -
             assert got == ["tëxt", b"\x00\x01bin"]
     finally:
         group.close()
+
+
+def test_wss_cannot_move_and_gets_1012_on_a_handoff_reload(
+        tmp_path: Path, servers: procs.Servers) -> None:
+    certs = make_certs(tmp_path)
+    procs.write_app(tmp_path, ECHO_APP.format(tag="old"))
+    server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0 tls ws", "--workers",
+                           "1", "--reload-handoff", "--pidfile", "octopusd.pid",
+                           "--tls-cert", certs.cert, "--tls-key", certs.key)
+    server.wait_ready()
+    [old] = server.wait_workers(1)
+    with ws_connect(f"wss://localhost:{server.port}/", ssl=certs.client_context()) as client:
+        client.send("hi")
+        assert client.recv(timeout=5) == f"old {old} hi"
+        procs.write_app(tmp_path, ECHO_APP.format(tag="new"))
+        server.signal(signal.SIGHUP)
+        assert handoff_counts(tmp_path) == {"moved": 0, "drained": 1, "failed": 0,
+                                            "pending": 0}
+        with pytest.raises(ConnectionClosed):
+            client.recv(timeout=10)
+        assert client.close_code == 1012
