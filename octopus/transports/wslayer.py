@@ -82,8 +82,9 @@ def _payload_size(head: bytearray) -> int:
 def encode(message: str | bytes) -> bytes:
     """An unmasked, uncompressed, final frame: text for ``str``, binary otherwise."""
     global _cache
-    if _cache[0] is message:
-        return _cache[1]
+    cached = _cache  # read once: another thread's worker may replace it
+    if cached[0] is message:
+        return cached[1]
     if type(message) is str:
         payload, head = message.encode(), 0x81
     else:
