@@ -175,6 +175,8 @@ class OpeningHandshake:
             logger=engine_log,
         )
         self.head = bytearray()  # the first bytes: where the request ends
+        self.fed = 0  # bytes fed
+        self.end = -1  # where the request ended
         self.request: Any = None
         self.early: list[Any] = []  # frames the client sent before our answer
         self.info: WebSocketInfo | None = None
@@ -184,6 +186,7 @@ class OpeningHandshake:
         if not data:
             raise HandshakeError("the client closed during the WebSocket handshake")
         head = self.head
+        self.fed += len(data)
         if len(head) < MAX_HANDSHAKE + 4:
             head += data[:MAX_HANDSHAKE + 4 - len(head)]
         protocol.receive_data(data)
@@ -193,6 +196,7 @@ class OpeningHandshake:
             raise HandshakeError(f"WebSocket handshake larger than {MAX_HANDSHAKE} bytes")
         if events:
             self.request, self.early = events[0], events[1:]
+            self.end = end + 4
             request = self.request
             return HandshakeRequest(
                 path=request.path, headers=_headers(request.headers),
@@ -233,7 +237,16 @@ class OpeningHandshake:
         from octopus.transports.wslayer import WebSocketLayer
 
         assert self.info is not None
-        return WebSocketLayer(self.protocol, conn, self.policy, self.info, queued, self.early)
+        protocol = self.protocol
+        if not self.early and not protocol.reader.buffer and self.fed == self.end:
+            # Nothing came after the request (the usual case): a fresh engine,
+            # for the handshake's parser keeps the request (its headers) alive.
+            fresh = engine().server.ServerProtocol(
+                state=protocol.state, max_size=self.policy.max_message_size, logger=engine_log)
+            fresh.extensions, fresh.subprotocol = protocol.extensions, protocol.subprotocol
+            protocol = fresh
+        self.request = None
+        return WebSocketLayer(protocol, conn, self.policy, self.info, queued, self.early)
 
     def why_refused(self) -> str:
         exc = self.protocol.handshake_exc

@@ -134,7 +134,7 @@ class WebSocketLayer:
         # buffer was last seen empty (``_produced``); valid while ``_exact``.
         self._produced = queued
         self._exact = True
-        self._marks: deque[int] = deque()
+        self._marks: deque[int] | None = None  # made when output queues up
         self._shift = 0
         self._pinged: bytes | None = None
         self._pings = 0
@@ -285,7 +285,7 @@ class WebSocketLayer:
 
     def frame(self, message: Any) -> bytes:
         self._exact, self._produced = True, 0  # the write buffer is empty
-        self._marks.clear()
+        self._marks = None
         if self.compressed:
             return self._deflated(message)
         return encode(message)
@@ -293,11 +293,13 @@ class WebSocketLayer:
     def frame_into(self, buffer: bytearray, message: Any) -> None:
         if not buffer:
             self._exact, self._produced = True, 0
-            self._marks.clear()
+            self._marks = None
         data = self._deflated(message) if self.compressed else encode(message)
         buffer += data
         self._produced += len(data)
         marks = self._marks
+        if marks is None:
+            marks = self._marks = deque()
         if not marks or self._produced - (marks[-1] + self._shift) >= MARK_SPACING:
             marks.append(self._produced - self._shift)
 
@@ -337,7 +339,7 @@ class WebSocketLayer:
             return
         conn._worker.bytes_out += sent
         self._exact, self._produced = True, len(data) - sent
-        self._marks.clear()
+        self._marks = None
         if sent < len(data):
             wbuf += memoryview(data)[sent:]
             conn._watch(conn._events | EPOLLOUT)
