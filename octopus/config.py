@@ -43,20 +43,39 @@ def _maybe_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _positive_int(value: object) -> int:
-    number = _maybe_int(value)
-    if number is None or number < 1:
-        raise _expected("a positive integer", value)
-    return number
+# Upper bounds. Every number a user gives has one, so that a typo is one line
+# at start (or a failed reload), never an OverflowError deep in a system call.
+MAX_BACKLOG = 65535  # listen() takes an int; the kernel caps it at net.core.somaxconn
+MAX_WORKERS = 128  # half the scoreboard's slots: a reload runs two generations at once
+MAX_SECONDS = 31_536_000.0  # a year: any longer timeout is a typo
+GiB = 2**30
+
+
+def _at_most(maximum: float, value: object) -> ValueError:
+    return ValueError(f"expected at most {maximum:.0f}, got {value!r}")
+
+
+def _positive_int(maximum: int) -> Parser:
+    def parse(value: object) -> int:
+        number = _maybe_int(value)
+        if number is None or number < 1:
+            raise _expected("a positive integer", value)
+        if number > maximum:
+            raise _at_most(maximum, value)
+        return number
+
+    return parse
 
 
 def _workers(value: object) -> int:
     if value == "auto":
-        return os.cpu_count() or 1
-    try:
-        return _positive_int(value)
-    except ValueError:
-        raise _expected('a positive integer or "auto"', value) from None
+        return min(os.cpu_count() or 1, MAX_WORKERS)
+    number = _maybe_int(value)
+    if number is None or number < 1:
+        raise _expected('a positive integer or "auto"', value)
+    if number > MAX_WORKERS:
+        raise _at_most(MAX_WORKERS, value)
+    return number
 
 
 def _maybe_float(value: object) -> float | None:
@@ -76,6 +95,8 @@ def _seconds(positive: bool) -> Parser:
         number = _maybe_float(value)
         if number is None or number < 0 or (positive and number == 0):
             raise _expected(what, value)
+        if number > MAX_SECONDS:
+            raise _at_most(MAX_SECONDS, value)
         return number
 
     return parse
@@ -171,7 +192,7 @@ def _networks(value: object) -> tuple[str, ...]:
 def _identity(value: object) -> str | int:
     """A user or group: a name, or a numeric id (an int or a string of digits)."""
     number = _maybe_int(value)
-    if number is not None and number >= 0:
+    if number is not None and 0 <= number < 2**32 - 1:  # (uid_t) -1 means "no change"
         return number
     if isinstance(value, str) and value.strip() and number is None:
         return value.strip()
@@ -243,7 +264,7 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 'or fd://N, each optionally followed by the flags "tls" and "proxy" '
                 '("0.0.0.0:9443 proxy tls"). A list or one address; sockets passed by '
                 "systemd (LISTEN_FDS) take its place.", "ADDR", multiple=True),
-        Setting("backlog", _positive_int, 2048,
+        Setting("backlog", _positive_int(MAX_BACKLOG), 2048,
                 "Listen backlog: connections the kernel queues before they are accepted.",
                 "N"),
         Setting("socket_mode", _octal, "0600",
@@ -253,7 +274,7 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
     ("Workers", (
         Setting("workers", _workers, 1,
                 'Number of worker processes, or "auto" for one per CPU.', "N"),
-        Setting("max_connections", _positive_int, 10000,
+        Setting("max_connections", _positive_int(2**20), 10000,
                 "Connections per worker; beyond it the worker stops accepting and new "
                 "clients wait in the backlog.", "N"),
         Setting("timeout", _seconds(positive=True), 30,
@@ -268,7 +289,7 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "what the class's suspend() returns, handed to resume() in the new code. "
                 "TLS connections cannot move and drain as before. Takes effect for "
                 "workers started with it on."),
-        Setting("threads", _positive_int, 4,
+        Setting("threads", _positive_int(1024), 4,
                 "Threads in each worker's pool for run_in_thread() (blocking calls off "
                 "the event loop). The pool starts on first use: a worker that never "
                 "uses it has no threads.", "N"),
@@ -278,10 +299,10 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 'Framing when the connection class sets none: "raw" (each read as it '
                 'arrived), "line" (newline-delimited) or "length" (4-byte big-endian '
                 "length prefix).", "raw|line|length"),
-        Setting("max_message_size", _positive_int, 1048576,
+        Setting("max_message_size", _positive_int(GiB), 1048576,
                 "Largest framed message in bytes; one byte more ends the connection.",
                 "BYTES"),
-        Setting("max_write_buffer", _positive_int, 33554432,
+        Setting("max_write_buffer", _positive_int(64 * GiB), 33554432,
                 "Bytes pending for one connection before it is disconnected as a slow "
                 "consumer.", "BYTES"),
         Setting("idle_timeout", _seconds(positive=False), 0,

@@ -500,6 +500,10 @@ class Master:
         except OctopusError as exc:
             self._reload_failed(str(exc))
             return
+        except Exception as exc:  # a bug or an unforeseen error: the old workers serve on
+            log.exception("reload: unexpected error while preparing the new workers")
+            self._reload_failed(f"{type(exc).__name__}: {exc}")
+            return
         self.pending = self.generation + 1
         self.pending_settings = settings
         self.pending_since = time.monotonic()
