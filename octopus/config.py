@@ -208,6 +208,10 @@ def _octal(value: object) -> int:
     return int(value, 8)
 
 
+def _octal_text(mode: int) -> str:
+    return f"{mode:04o}"
+
+
 def _broadcast(value: object) -> str:
     schemes = ("redis://", "rediss://", "unix://")
     if value == "local" or (isinstance(value, str) and value.startswith(schemes)
@@ -230,6 +234,8 @@ class Setting:
     metavar: str = "VALUE"
     multiple: bool = False  # the CLI option may be repeated (values form a list)
     example: object = None  # shown in conf/octopus.toml for settings unset by default
+    # The parsed value written back as ``parse`` reads it (``octopusd config``).
+    unparse: Callable[[Any], object] = lambda value: value
 
     @property
     def flag(self) -> str:
@@ -269,7 +275,7 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "N"),
         Setting("socket_mode", _octal, "0600",
                 "File mode of the Unix sockets octopus creates, as a string of octal "
-                "digits.", "MODE"),
+                "digits.", "MODE", unparse=_octal_text),
     )),
     ("Workers", (
         Setting("workers", _workers, 1,
@@ -308,6 +314,12 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("idle_timeout", _seconds(positive=False), 0,
                 "Seconds without input before a connection is closed; 0 never closes it.",
                 "SECONDS"),
+        Setting("linger_timeout", _seconds(positive=False), 2,
+                "Seconds a closing connection waits for the peer's EOF after the "
+                "server's FIN, reading and discarding what still arrives: closing with "
+                "unread input would send an RST, which can destroy the reply the peer "
+                "has not read yet. A stop with idle clients connected takes up to this "
+                "long. 0 closes at once.", "SECONDS"),
     )),
     ("Privileges", (
         Setting("user", _optional(_identity), None,
@@ -318,7 +330,7 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "GROUP", example="nogroup"),
         Setting("umask", _optional(_octal), None,
                 "Umask of the workers, as a string of octal digits.",
-                "MODE", example="0022"),
+                "MODE", example="0022", unparse=_octal_text),
     )),
     ("Process", (
         Setting("pidfile", _optional(_text), None,
@@ -437,6 +449,7 @@ class Settings:
     max_message_size: int
     max_write_buffer: int
     idle_timeout: float
+    linger_timeout: float
     user: str | int | None
     group: str | int | None
     umask: int | None
@@ -595,3 +608,17 @@ def render_example() -> str:
                 lines.append(f"# {setting.name} = {toml_value(setting.default)}")
             lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render_effective(settings: Settings) -> str:
+    """``settings`` as a TOML file that ``load`` reads back to the same settings
+    (``octopusd config``): every setting, those unset as comments."""
+    source = settings.config_file or "defaults"
+    lines = [f"# octopus settings in effect (from {source} and the command line)."]
+    for setting in SETTINGS:
+        value = getattr(settings, setting.name)
+        if value is None:
+            lines.append(f"# {setting.name} is unset")
+        else:
+            lines.append(f"{setting.name} = {toml_value(setting.unparse(value))}")
+    return "\n".join(lines) + "\n"
