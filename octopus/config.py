@@ -234,6 +234,9 @@ class Setting:
     metavar: str = "VALUE"
     multiple: bool = False  # the CLI option may be repeated (values form a list)
     example: object = None  # shown in conf/octopus.toml for settings unset by default
+    # Set (not commented out) in conf/octopus.toml, which systemd/octopusd.service
+    # reads: the value that fits the unit.
+    shipped: object = None
     # The parsed value written back as ``parse`` reads it (``octopusd config``).
     unparse: Callable[[Any], object] = lambda value: value
 
@@ -335,7 +338,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
     ("Process", (
         Setting("pidfile", _optional(_text), None,
                 "File the master writes its pid to; stop, reload and status read it.",
-                "PATH", example="/run/octopusd.pid"),
+                "PATH", example="/run/octopus/octopusd.pid",
+                shipped="/run/octopus/octopusd.pid"),
         Setting("daemon", _bool, False,
                 "Detach and run in the background; start returns once the server "
                 "accepts."),
@@ -344,8 +348,9 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("log_level", _choice("debug", "info", "warning", "error", "critical"),
                 "info", "Lowest level logged.", "LEVEL"),
         Setting("log_file", _optional(_text), None,
-                "File to log to instead of stderr; reopened on SIGUSR1.",
-                "PATH", example="/var/log/octopusd.log"),
+                "File to log to instead of stderr (under systemd, stderr goes to the "
+                "journal); reopened on SIGUSR1.",
+                "PATH", example="/var/log/octopus/octopusd.log"),
         Setting("log_format", _choice("text", "json"), "text",
                 'Log line format: "text", or "json" for one JSON object a line.',
                 "text|json"),
@@ -587,6 +592,8 @@ def toml_value(value: object) -> str:
 _HEADER = """\
 # octopus configuration: TOML with flat top-level keys (octopusd --config FILE).
 # Every setting is shown with its default, commented out; uncomment to change.
+# Only pidfile is set: systemd/octopusd.service and this file work together as
+# they are (/etc/octopus/octopus.toml; logs go to the journal).
 # The command line overrides this file: each setting is also an option
 # (--max-connections 500), and --set NAME=VALUE takes any of them.
 # "octopusd reload" re-reads this file. Generated from octopus/config.py.
@@ -601,7 +608,11 @@ def render_example() -> str:
         for setting in group:
             lines += textwrap.wrap(setting.doc, 78, initial_indent="# ",
                                    subsequent_indent="# ")
-            if setting.default is None:
+            if setting.shipped is not None:
+                lines.append("# Set for systemd/octopusd.service (its RuntimeDirectory); "
+                             "unset by default.")
+                lines.append(f"{setting.name} = {toml_value(setting.shipped)}")
+            elif setting.default is None:
                 example = toml_value(setting.example)
                 lines.append(f"# {setting.name} = {example}  # an example; unset by default")
             else:

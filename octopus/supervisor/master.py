@@ -92,6 +92,7 @@ class Master:
         self.metrics = MasterMetrics()
         self.metrics_listener: Listener | None = None
         self._servers: list[RequestServer] = []  # control and metrics, on self._selector
+        self.watchdog = systemd.Watchdog()
 
     def run(self) -> None:
         """Serve until stopped; OctopusError when the first workers cannot boot."""
@@ -118,6 +119,7 @@ class Master:
                 self._dispatch_signals()
                 self.reap_workers()
                 self.manage_workers()
+                self.watchdog.ping(time.monotonic())
                 if self.stopping and not self.workers:
                     break
                 self._wait()
@@ -242,6 +244,8 @@ class Master:
         if self.next_spawn_at > now:
             deadlines.append(self.next_spawn_at)
         deadlines += [t for s in self._servers if (t := s.next_deadline()) is not None]
+        if self.watchdog.interval is not None:
+            deadlines.append(self.watchdog.next_at)
         # Heartbeats are checked at least a few times per timeout.
         soonest = min(deadlines, default=now + 1.0)
         return max(0.0, min(soonest - now, 1.0, self.settings.timeout / 4))
