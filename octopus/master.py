@@ -102,6 +102,7 @@ class Master:
         self.metrics = MasterMetrics()
         self.metrics_listener: Listener | None = None
         self._servers: list[RequestServer] = []  # control and metrics, on self._selector
+        self.watchdog = systemd.Watchdog()
 
     def run(self) -> None:
         """Serve until stopped; OctopusError when the first workers cannot boot."""
@@ -129,6 +130,7 @@ class Master:
                 self._dispatch_signals()
                 self.reap_workers()
                 self.manage_workers()
+                self.watchdog.ping(time.monotonic())
                 if self.stopping and not self.workers:
                     break
                 self._wait()
@@ -254,6 +256,8 @@ class Master:
         if self.next_spawn_at > now:
             deadlines.append(self.next_spawn_at)
         deadlines += [t for s in self._servers if (t := s.next_deadline()) is not None]
+        if self.watchdog.interval is not None:
+            deadlines.append(self.watchdog.next_at)
         # Heartbeats are checked at least a few times per timeout.
         soonest = min(deadlines, default=now + 1.0)
         return max(0.0, min(soonest - now, 1.0, self.settings.timeout / 4))
@@ -518,6 +522,10 @@ class Master:
             )
         except OctopusError as exc:
             self._reload_failed(str(exc))
+            return
+        except Exception as exc:  # a bug or an unforeseen error: the old workers serve on
+            log.exception("reload: unexpected error while preparing the new workers")
+            self._reload_failed(f"{type(exc).__name__}: {exc}")
             return
         self.pending = self.generation + 1
         self.pending_settings = settings

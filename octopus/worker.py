@@ -139,6 +139,7 @@ class Worker:
         self.max_message_size = settings.max_message_size
         self.max_write_buffer = settings.max_write_buffer
         self.idle_timeout = settings.idle_timeout
+        self.linger_timeout = settings.linger_timeout
         self.max_connections = settings.max_connections
         self.graceful_timeout = settings.graceful_timeout
         self._listen_events = EPOLLIN | (EPOLLEXCLUSIVE if exclusive else 0)

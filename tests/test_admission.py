@@ -248,8 +248,9 @@ def test_limits_off_by_default(servers: procs.Servers, tmp_path: Path) -> None:
 def test_bad_values_are_one_line(servers: procs.Servers, tmp_path: Path, setting: str,
                                  error: str) -> None:
     procs.write_app(tmp_path, APP)
-    result = servers.run("start", "--app", "app:App", "--set", setting)
-    assert procs.one_line_error(result) == f"octopusd: {error}"
+    for command in ("check", "start"):
+        result = servers.run(command, "--app", "app:App", "--set", setting)
+        assert procs.one_line_error(result) == f"octopusd: {error}"
 
 
 # -- Unix listeners: the peer's uid --

@@ -40,6 +40,7 @@ from octopus.coordination.balance import Balancer
 from octopus.coordination.scoreboard import READY, RETIRING
 from octopus.core.connection import SocketConnection
 from octopus.core.counters import collect
+from octopus.errors import AppImportError
 from octopus.handoff.handoff import Handoff
 from octopus.importer import import_app, prepare_path
 from octopus.supervisor import privileges
@@ -59,7 +60,13 @@ def run_app(ctx: WorkerContext) -> None:
     """
     drop_privileges(ctx.settings)
     prepare_path(ctx.settings.chdir, ctx.settings.pythonpath)
-    serve(ctx, import_app(ctx.settings.app))
+    try:
+        connection_class = import_app(ctx.settings.app)
+    except AppImportError as exc:
+        if exc.details:  # the one line goes to the master; the whole story to the log
+            logging.getLogger("octopus.app").error("%s\n%s", exc, exc.details.rstrip("\n"))
+        raise
+    serve(ctx, connection_class)
 
 
 def run_class(connection_class: type[SocketConnection]) -> Target:
