@@ -289,7 +289,10 @@ _ASK = textwrap.dedent("""
 def ask_as(user: pwd.struct_passwd | None, address: str) -> str:
     prefix: list[str] = [] if user is None else [
         "setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
-    result = subprocess.run([*prefix, sys.executable, "-c", _ASK, address],
+    # The system's Python: the stranger may not reach this one (under /root, a venv).
+    python = "/usr/bin/python3" if user is not None and os.path.exists("/usr/bin/python3") \
+        else sys.executable
+    result = subprocess.run([*prefix, python, "-c", _ASK, address],
                             capture_output=True, text=True, timeout=20, check=True)
     return result.stdout.strip()
 
