@@ -64,6 +64,8 @@ _PLAIN = {
                            "because it stopped reading."),
     "redis_gap": ("broadcast_redis_gap_total",
                   "Broadcasts that did not reach other servers: Redis was down or slow."),
+    "redis_malformed": ("broadcast_redis_malformed_total",
+                        "Messages on the Redis channel that no octopus server sent, dropped."),
 }
 
 
