@@ -251,8 +251,16 @@ class MasterMetrics:
         started = _family("master_start_time_seconds", "gauge",
                           "When the master started, in seconds since the epoch.")
         started.add(round(master.started, 3))
+        cut = _family("endpoint_clients_cut_total", "counter",
+                      "Clients of the master's control socket and metrics_bind cut short, by "
+                      "reason: evicted (all slots taken: a newcomer got the slot of the oldest "
+                      "client still sending its request), timeout, too_large (a request head "
+                      "over the limit, answered 431 on HTTP).")
+        for server in master._servers:
+            for reason, count in server.closed.items():
+                cut.add(count, endpoint=server.label, reason=reason)
         return [*families, cpu_family, restarts, reloads, handoffs, healthy, generation,
-                configured, started]
+                configured, started, cut]
 
     def _counter_families(self, counters: dict[int, list[int]]) -> list[Family]:
         position = {name: at for at, name in enumerate(COUNTERS)}
