@@ -119,7 +119,12 @@ def test_tls_and_a_password_through_the_non_blocking_links(procs: Procs, tmp_pat
                    "--tls-ca-cert-file", certs.ca_file, "--tls-auth-clients", "no"],
                   tmp_path, merge_stdout=True)
     procs.started.append(redis)
-    redis.wait_for_log("Ready to accept connections")
+    try:
+        redis.wait_for_log("Ready to accept connections")
+    except AssertionError:
+        if redis.proc.poll() is not None and "tls" in redis.log.lower():
+            pytest.skip("this redis-server was built without TLS")
+        raise
     # A host name (resolved off the loop) and a CA to check the certificate with.
     url = f"rediss://:s3cret@localhost:{port}/0?ssl_ca_certs={certs.ca_file}"
     a = procs.octopusd("--app", "app:App", "--workers", "2", "--broadcast", url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import platform
 import re
 import signal
 import socket
@@ -156,7 +157,12 @@ def waiting_or_done(call: subprocess.Popen[str]) -> bool:
         syscall = Path(f"/proc/{call.pid}/syscall").read_text().split(" ", 1)[0]
     except OSError:
         return False
-    return syscall in ("42", "7")  # x86-64 connect, poll
+    return syscall in WAITING_SYSCALLS
+
+
+# connect() and poll() (ppoll() on arm64), as /proc/PID/syscall numbers them.
+WAITING_SYSCALLS = {"x86_64": ("42", "7"), "aarch64": ("203", "73")}.get(
+    platform.machine(), ("42", "7"))
 
 
 def test_48_concurrent_status_calls_all_succeed(tmp_path: Path,
