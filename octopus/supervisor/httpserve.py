@@ -212,7 +212,7 @@ class RequestServer:
             self._write(client)
             return
         try:
-            data = client.sock.recv(RECV_SIZE)
+            data = client.sock.recv(65536 if client.state == LINGERING else RECV_SIZE)
         except BlockingIOError:
             return
         except OSError:
