@@ -142,3 +142,8 @@ def test_tls_and_a_password_through_the_non_blocking_links(procs: Procs, tmp_pat
     sender.send(b"tls:end")
     collect(on_a, lambda c: b"tls:end" in c.lines)
     assert a.count("lost Redis") == b.count("lost Redis") == 0, a.log + b.log
+
+    # A wrong password: refused, said in one line, and the password kept out of the log.
+    c = procs.octopusd("--app", "app:App", "--broadcast", url.replace("s3cret", "guessed"))
+    c.wait_for_log("WRONGPASS")
+    assert "lost Redis at rediss://:***@localhost" in c.log and "guessed" not in c.log, c.log

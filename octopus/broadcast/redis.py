@@ -49,10 +49,11 @@ MAX_ORIGIN = 512  # the NUL that ends the origin is within this many bytes
 class RedisBroadcast:
     def __init__(self, worker: Worker, url: str, channel: str,
                  local: Callable[[bytes], None], origin: str) -> None:
-        self.worker, self.loop, self.url, self.channel = worker, worker.loop, url, channel
+        self.worker, self.loop, self.channel = worker, worker.loop, channel
         self.local = local  # delivers to this whole server
         self.origin = origin.encode() + b"\0"
         self.target = Target.from_url(url)
+        self.url = self.target.shown  # for the log: without the password
         self.pub: RedisLink | None = None
         self.sub: RedisLink | None = None
         self.handshakes = 0  # publisher replies still due before PUBLISH replies

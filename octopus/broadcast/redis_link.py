@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from octopus.broadcast import resp
 from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
@@ -66,6 +67,15 @@ class Target:
         return cls(url, options.get("host", "localhost"), int(options.get("port", 6379)),
                    options.get("path", ""), options.get("username"), options.get("password"),
                    tls)
+
+    @property
+    def shown(self) -> str:
+        """The URL with its password masked."""
+        if self.password is None:
+            return self.url
+        parts = urlsplit(self.url)
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
 
     def login(self) -> bytes:
         """The AUTH command the URL asks for (b"" without a password)."""
@@ -159,7 +169,7 @@ class RedisLink:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         code = sock.connect_ex(address)
         if code not in (0, errno.EINPROGRESS):
-            self._fail(OSError(code, f"cannot connect to {self.target.url}: "
+            self._fail(OSError(code, f"cannot connect to {self.target.shown}: "
                                      f"{errno.errorcode.get(code, code)}"))
 
     def _want(self, events: int) -> None:
@@ -187,7 +197,7 @@ class RedisLink:
             assert self._raw is not None
             code = self._raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
-                raise OSError(code, f"cannot connect to {self.target.url}: "
+                raise OSError(code, f"cannot connect to {self.target.shown}: "
                                     f"{errno.errorcode.get(code, code)}")
             if self.target.tls is None:
                 self.sock = self._raw
