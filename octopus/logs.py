@@ -123,3 +123,29 @@ def reopen() -> None:
                 logging.getLogger("octopus").error(
                     "cannot reopen log file %s: %s; still logging to the old file",
                     handler.path, _why(handler.path, exc))
+
+
+class RateLimited:
+    """At most one line per ``interval`` seconds for warnings a stranger can cause.
+
+    The lines held back are counted, and the next line that goes out says how
+    many there were: a flood costs a counter, not a log.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.held_back = 0
+        self._next = 0.0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self.held_back += 1
+            return
+        self._next = now + self.interval
+        if self.held_back:
+            message += " (and %d more like it since the last such line)"
+            args = (*args, self.held_back)
+            self.held_back = 0
+        self.logger.warning(message, *args)

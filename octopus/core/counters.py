@@ -45,6 +45,7 @@ WORKER_ATTRIBUTES = (
     "broadcasts_delivered",  # broadcast messages handed to a connection here
     "broadcasts_dropped",  # queued to a peer worker whose link was cut off (not reading)
     "redis_gap",  # broadcasts that did not reach other servers (Redis down or slow)
+    "redis_malformed",  # messages on the Redis channel that no octopus server sent
 )
 
 COUNTERS: tuple[str, ...] = (
