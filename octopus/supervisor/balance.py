@@ -24,6 +24,13 @@ whose wakeup it took would wait for the next arrival. Instead it
    abstract-namespace Unix socket; the peer accepts at once, up to a whole
    burst, from a backlog nothing else would have told it about.
 
+Anyone on the host can send to that socket once its name is bound (see
+``octopus.core.peers``), so the name is unguessable, the socket asks for
+the sender's credentials with every datagram (``SO_PASSCRED``), and a
+datagram not from a live worker of this master is read and dropped: it never
+makes the worker look at its listeners. At most ``NUDGE_READS`` datagrams
+are read per readiness event, so a flood cannot hold the loop.
+
 Nothing ever waits on a timer, and a lost nudge (the peer died) costs
 fairness, never a stranded client.
 """
@@ -34,15 +41,13 @@ import socket
 from typing import TYPE_CHECKING
 
 from octopus.core.loop import EPOLLIN
+from octopus.core.peers import CREDENTIALS_SPACE, Peers, address, bind_unique, datagram_credentials
 from octopus.supervisor.scoreboard import Scoreboard
 
 if TYPE_CHECKING:
     from octopus.core.worker import Worker
 
-
-def _name(namespace: str, slot: int) -> str:
-    # Slots are unique among live workers; the name is gone with the process.
-    return f"\0octopus-accept/{namespace}/{slot}"
+NUDGE_READS = 64  # datagrams read per readiness event
 
 
 class Balancer:
@@ -52,8 +57,11 @@ class Balancer:
         self.board, self.slot, self.namespace = board, slot, namespace
         self.expects_peers = workers > 1
         self._least_loaded = -1  # a peer's slot, from the last look at the scoreboard
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-        self.sock.bind(_name(namespace, slot))
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                                  | socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        board.set_token(slot, "accept", bind_unique(self.sock, "accept", namespace))
+        self.peers = Peers(board.pids, self._refused)
         self._worker: Worker | None = None
 
     def attach(self, worker: Worker) -> None:
@@ -76,20 +84,32 @@ class Balancer:
 
     def nudge_peer(self) -> None:
         """Wake the least-loaded peer to accept what waits in the backlog."""
-        if self._least_loaded >= 0:
+        token = self.board.token(self._least_loaded, "accept") \
+            if self._least_loaded >= 0 else None
+        if token is not None:
             try:
-                self.sock.sendto(b"", _name(self.namespace, self._least_loaded))
+                self.sock.sendto(b"", address("accept", self.namespace, token))
             except OSError:  # gone, or its queue is full: it has nudges pending anyway
                 pass
 
     def _on_nudge(self, mask: int) -> None:
-        while True:
+        nudged = False
+        for _ in range(NUDGE_READS):
             try:
-                self.sock.recv(1)
+                _, ancillary, _, _ = self.sock.recvmsg(1, CREDENTIALS_SPACE)
             except OSError:
                 break
-        if self._worker is not None:
+            sender = datagram_credentials(ancillary)
+            if sender is not None and self.peers.admits(*sender):
+                nudged = True
+            else:
+                self.peers.refused("accept nudge", *(sender or (0, -1)))
+        if nudged and self._worker is not None:
             self._worker.accept_pending()
+
+    def _refused(self) -> None:
+        if self._worker is not None:
+            self._worker.internal_refused += 1
 
     def close(self) -> None:
         self.sock.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import faulthandler
 import importlib
+import os
 import signal
 import sys
 
@@ -69,6 +70,9 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
     settings = ctx.settings
     faulthandler.enable(file=sys.stderr, all_threads=True)
     board, slot = ctx.scoreboard, ctx.slot
+    # The master writes it too, after fork() returns to it: peers check links
+    # against these pids, and this worker may link before the master gets there.
+    board.set_pid(slot, os.getpid())
     worker = Worker(ctx.listeners, connection_class, settings, exclusive=True,
                     listener_flags=ctx.listener_flags)
     Balancer(board, slot, ctx.namespace, settings.workers).attach(worker)
