@@ -272,7 +272,17 @@ def attack_squat(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def attack_nudge_flood(args: argparse.Namespace) -> dict[str, Any]:
-    """Send empty datagrams to the accept-nudge sockets."""
+    """Send empty datagrams to the accept-nudge sockets, if there are any, and
+    the nudge signal (SIGURG) to each worker."""
+    signalled = refused = 0
+    for pid in workers(args.pid):
+        try:
+            os.kill(pid, signal.SIGURG)
+            signalled += 1
+        except PermissionError:
+            refused += 1
+        except OSError:
+            pass
     names = internal_names(args).get("accept", [])
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.setblocking(False)
@@ -288,7 +298,8 @@ def attack_nudge_flood(args: argparse.Namespace) -> dict[str, Any]:
             failed += 1
     sock.close()
     return {"names": len(names), "sent": sent, "refused_by_kernel": failed,
-            "seconds": round(time.monotonic() - started, 2)}
+            "seconds": round(time.monotonic() - started, 2),
+            "signals_sent": signalled, "signals_refused": refused}
 
 
 def attack_handoff_flood(args: argparse.Namespace) -> dict[str, Any]:

@@ -178,21 +178,23 @@ def test_squatted_names_block_neither_reload_nor_respawn(
         squat.communicate(timeout=10)
 
 
-def test_nudges_and_handoff_connects_from_a_stranger_are_dropped_and_counted(
+def test_a_stranger_can_neither_nudge_a_worker_nor_flood_the_log_with_handoff_links(
         attacker: tuple[int, int], servers: procs.Servers, tmp_path: Path) -> None:
     server = start(servers, tmp_path, "--set", "reload_handoff=true",
                    "--set", "metrics_bind=127.0.0.1:0")
     metrics = metrics_address(server)
     nudges = attack(attacker, "nudge-flood", server.pid, "--count", "20000")
-    assert nudges["names"] == 2 and nudges["sent"] > 1000, nudges
+    # No nudge socket to send to; the nudge signal is the kernel's to refuse (EPERM).
+    assert nudges["names"] == 0 and nudges["sent"] == 0, nudges
+    assert nudges["signals_refused"] == 2, nudges
     links = attack(attacker, "handoff-flood", server.pid, "--count", "2000")
-    assert links["names"] == 2, links
+    assert links["names"] == 2 and links["connected"] == 2000, links
 
     def refused() -> float | None:
         value = total(counters(metrics), "octopus_internal_refused_total")
-        return value if value >= nudges["sent"] + links["connected"] else None
+        return value if value >= links["connected"] else None
 
     wait_until(refused, 5.0, message="the refusals counted")
-    # Thousands of refusals, a few lines: one per kind and worker, per interval.
+    # 2,000 refusals, a few lines: one per worker, per interval.
     lines = server.count("not a worker of this server")
-    assert 1 <= lines <= 8, server.log
+    assert 1 <= lines <= 4, server.log

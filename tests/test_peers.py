@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 from collections.abc import Iterator
 
 import pytest
 
+from octopus import SocketConnection, config
 from octopus.core import peers
 from octopus.core.ratelog import RateLimited
+from octopus.core.worker import Worker
+from octopus.supervisor.balance import NUDGE, Balancer
+from octopus.supervisor.scoreboard import READY, Scoreboard
 from tests.helpers import wait_until
 
 
@@ -67,3 +72,29 @@ def test_a_flood_of_warnings_writes_one_line_per_interval(
     line = caplog.records[1].getMessage()
     assert line.startswith("refused attempt 10000 (")
     assert int(line.split("(")[1].split()[0]) >= 9999  # how many were left out
+
+
+def test_a_nudge_is_a_signal_that_makes_the_peer_accept_now() -> None:
+    board = Scoreboard(capacity=2)
+    own, peer = board.claim(os.getpid(), 1), board.claim(os.getpid(), 1)
+    for slot in (own, peer):
+        board.set_state(slot, READY)
+    worker = Worker([], SocketConnection, config.from_kwargs())
+    nudged: list[bool] = []
+    worker.accept_pending = lambda: nudged.append(True)  # type: ignore[method-assign]
+    Balancer(board, peer, "ns", 2).attach(worker)
+    sender = Balancer(board, own, "ns", 2)
+    try:
+        assert sender.limit(5) >= 0 and sender._least_loaded == peer
+        sender.nudge_peer()  # this process is the peer: the signal comes back here
+
+        def step() -> bool:
+            worker.loop.call_later(0.01, worker.loop.stop)
+            worker.loop.run()
+            return bool(nudged)
+
+        wait_until(step, 2.0)
+    finally:
+        worker.loop.close()
+        board.close()
+    assert signal.getsignal(NUDGE) == signal.SIG_DFL  # restored by the loop

@@ -18,11 +18,7 @@ it is read:
 
 - ``SO_PEERCRED`` on a connected stream or seqpacket socket gives the pid,
   effective uid and gid of the peer as of its ``connect()``, filled in by the
-  kernel;
-- with ``SO_PASSCRED`` set on a datagram socket, each datagram carries
-  ``SCM_CREDENTIALS``: the kernel fills in the sender's, or checks those it
-  sent (a process cannot claim another's pid or uid without CAP_SYS_ADMIN or
-  CAP_SETUID).
+  kernel (a process cannot claim another's without CAP_SYS_ADMIN).
 
 A peer is admitted when its uid is ours and its pid is one of the master's
 live workers (``Peers``). Refusals are counted and their warnings rate-limited.
@@ -52,7 +48,7 @@ _UCRED = struct.Struct("3i")  # pid, uid, gid
 
 
 def address(kind: str, namespace: str, token: str) -> str:
-    """The abstract name of a worker's ``kind`` socket ("broadcast", "handoff", "accept")."""
+    """The abstract name of a worker's ``kind`` socket ("broadcast", "handoff")."""
     return f"\0octopus-{kind}/{namespace}/{token}"
 
 
@@ -76,19 +72,6 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                   _UCRED.size))
     return pid, uid, gid
-
-
-def datagram_credentials(ancillary: list[tuple[int, int, bytes]]) -> tuple[int, int] | None:
-    """(pid, uid) from a datagram's SCM_CREDENTIALS, or None if it has none."""
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS \
-                and len(data) >= _UCRED.size:
-            pid, uid, _ = _UCRED.unpack_from(data)
-            return pid, uid
-    return None
-
-
-CREDENTIALS_SPACE = socket.CMSG_SPACE(_UCRED.size)
 
 
 def exited(pid: int) -> bool:

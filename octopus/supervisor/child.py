@@ -8,6 +8,8 @@ Signals from the master (handled in the worker's loop, between callbacks):
                 or graceful_timeout passes, then exit (with reload_handoff,
                 first move them to the live workers: octopus.core.handoff)
     USR1        reopen log files
+    URG         from a peer worker above its fair share: accept what waits
+                (octopus.supervisor.balance)
     HUP         ignored (reload is the master's business)
     ABRT        sent by the master when the heartbeat stops: faulthandler
                 dumps every thread's traceback, then the process dies

@@ -53,7 +53,7 @@ _BROADCAST_AT = _COUNTERS_AT + _COUNTERS.size
 # channel, written once by the worker after it binds. A slot is cleared to
 # zeros when claimed and tokens are hex digits, so a token being written
 # reads with a NUL in it: not there yet.
-CHANNELS = ("accept", "broadcast", "handoff")
+CHANNELS = ("broadcast", "handoff")
 _TOKEN_SIZE = 16
 _NAMES_AT = _BROADCAST_AT + _BROADCAST.size
 _SLOT_SIZE = _NAMES_AT + len(CHANNELS) * _TOKEN_SIZE
