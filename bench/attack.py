@@ -71,7 +71,9 @@ def namespace_of(args: argparse.Namespace) -> str:
     if args.namespace:
         return str(args.namespace)
     for names in internal_names(args).values():
-        return _NAME.match("@" + names[0][1:]).group(2)  # type: ignore[union-attr]
+        match = _NAME.match("@" + names[0][1:])
+        if match:
+            return match.group(2)
     raise SystemExit(f"attack: no octopus socket names for master pid {args.pid}")
 
 
