@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +40,21 @@ def _python_for_anyone() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def attacker() -> Iterator[tuple[int, int]]:
-    """(uid, gid) of a second local account; removed at the end if made here."""
+def attacker() -> tuple[int, int]:
+    """(uid, gid) of a second local account, a system user with no home and no
+    shell. It is kept afterwards: a suite running beside this one may use it."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create a second local user")
     if not (shutil.which("useradd") and shutil.which("setpriv") and _python_for_anyone()):
         pytest.skip("needs useradd, setpriv and a python3 that any user can run")
-    made = False
     try:
         pwd.getpwnam(ATTACKER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", ATTACKER], check=True, capture_output=True)
-        made = True
+        made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                               "/usr/sbin/nologin", ATTACKER], capture_output=True, text=True)
+        assert made.returncode in (0, 9), made.stderr  # 9: made meanwhile by another run
     entry = pwd.getpwnam(ATTACKER)
-    try:
-        yield entry.pw_uid, entry.pw_gid
-    finally:
-        if made:
-            subprocess.run(["userdel", ATTACKER], capture_output=True)
+    return entry.pw_uid, entry.pw_gid
 
 
 def attack_argv(who: tuple[int, int], name: str, master: int, *args: str) -> list[str]:
