@@ -167,6 +167,7 @@ class Worker:
         self.broadcasts_dropped = 0
         self.redis_gap = 0
         self.redis_malformed = 0
+        self.internal_refused = 0  # peers and frames refused on the sockets between workers
         self.closes = dict.fromkeys(CLOSE_REASONS, 0)  # why connections ended
         self.accept_pauses = dict.fromkeys(("max_connections", "fd_limit", "fair_share"), 0)
         self.slow_consumers = 0
