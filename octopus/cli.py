@@ -58,14 +58,43 @@ def config_option(command: Callable[..., Any]) -> Callable[..., Any]:
                         help="TOML config file (flat top-level keys).")(command)
 
 
+def all_settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--config``, ``--set`` and an option per setting: what start, check and config take."""
+    command = settings_options(command)
+    command = click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                           help="Any setting, e.g. --set idle_timeout=30.")(command)
+    return config_option(command)
+
+
 def load_settings(config_file: str | None, assignments: tuple[str, ...] = (),
                   options: dict[str, Any] | None = None) -> tuple[config.Settings, dict[str, Any]]:
-    """Settings and the CLI overrides that made them (kept for reload)."""
+    """Settings and the CLI overrides that made them (kept for reload).
+
+    A repeatable option takes a comma-separated list as well (``--tls-alpn
+    h2,chat/1`` is ``--tls-alpn h2 --tls-alpn chat/1``)."""
     overrides: dict[str, Any] = dict(config.parse_assignment(a) for a in assignments)
     for name, value in (options or {}).items():
         if value is not None and value != ():
-            overrides[name] = list(value) if isinstance(value, tuple) else value
+            overrides[name] = _split_commas(value) if isinstance(value, tuple) else value
     return config.load(config_file, overrides), overrides
+
+
+def _split_commas(values: tuple[str, ...]) -> list[str]:
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def check_paths(settings: config.Settings) -> None:
+    """What start would meet with the files it writes and reads, found now:
+    the log file, the pidfile, the TLS files and the WebSocket engine.
+    OctopusError with one line."""
+    from octopus.transports import tls, websocket
+
+    if settings.log_file:
+        logs.check_file(settings.log_file)
+    if settings.pidfile:
+        pidfile.check(settings.pidfile)
+    tls.check(settings)
+    websocket.check(settings)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,10 +104,7 @@ def main() -> None:
 
 
 @main.command()
-@config_option
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Any setting, e.g. --set idle_timeout=30.")
-@settings_options
+@all_settings_options
 def start(config_file: str | None, assignments: tuple[str, ...], **options: Any) -> None:
     """Start the master and its workers (in the foreground unless --daemon)."""
     from octopus.master import Master
@@ -86,6 +112,7 @@ def start(config_file: str | None, assignments: tuple[str, ...], **options: Any)
     settings, overrides = load_settings(config_file, assignments, options)
     if not settings.app:
         raise UserError("no application: pass --app MODULE:CLASS or set app in the config")
+    check_paths(settings)
 
     def run(on_ready: Callable[[], None] | None = None) -> None:
         logs.configure(settings.log_level, settings.log_file, settings.log_format)
@@ -94,6 +121,9 @@ def start(config_file: str | None, assignments: tuple[str, ...], **options: Any)
     if settings.daemon:
         from octopus.supervisor.daemon import daemonize
 
+        if not settings.log_file:
+            click.echo("octopusd: warning: --daemon without log_file: the log is discarded "
+                       "once detached (set log_file)", err=True)
         daemonize(run, [])
     else:
         run()
@@ -272,19 +302,24 @@ def _echo_totals(totals: dict[str, Any]) -> None:
 
 
 @main.command()
-@config_option
-@click.option("--app", metavar="MODULE:CLASS", help="The application to import.")
-def check(config_file: str | None, app: str | None) -> None:
-    """Validate the configuration and import the application; bind nothing."""
+@all_settings_options
+def check(config_file: str | None, assignments: tuple[str, ...], **options: Any) -> None:
+    """Validate the settings, the files they name and the application; bind nothing."""
     from octopus.importer import import_app, prepare_path
     from octopus.supervisor import privileges
-    from octopus.transports import tls, websocket
 
-    settings, _ = load_settings(config_file, options={"app": app})
+    settings, _ = load_settings(config_file, assignments, options)
     privileges.check(settings.user, settings.group)
-    tls.check(settings)
-    websocket.check(settings)
+    check_paths(settings)
     prepare_path(settings.chdir, settings.pythonpath)
     cls = import_app(settings.app)
     click.echo(f"ok: {settings.app} ({cls.__module__}.{cls.__qualname__}), "
                f"{settings.workers} worker(s), bind {', '.join(settings.bind)}")
+
+
+@main.command(name="config")
+@all_settings_options
+def show_config(config_file: str | None, assignments: tuple[str, ...], **options: Any) -> None:
+    """Print the effective settings as TOML (that --config accepts back)."""
+    settings, _ = load_settings(config_file, assignments, options)
+    click.echo(config.render_effective(settings), nl=False)

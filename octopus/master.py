@@ -101,7 +101,8 @@ class Master:
         self.control: ControlServer | None = None
         self.metrics = MasterMetrics()
         self.metrics_listener: Listener | None = None
-        self._servers: list[RequestServer] = []  # control and metrics, on self._selector
+        self.endpoints: list[RequestServer] = []  # control and metrics, on self._selector
+        self.watchdog = systemd.Watchdog()
 
     def run(self) -> None:
         """Serve until stopped; OctopusError when the first workers cannot boot."""
@@ -120,7 +121,7 @@ class Master:
                 # that the pid in the file is this master.
                 self.control = ControlServer(control_path(self.settings.pidfile),
                                              self._selector, self.snapshot)
-                self._servers.append(self.control.server)
+                self.endpoints.append(self.control.server)
             self._serve_metrics()
             self._bind_initial()
             self._signals.install(self._selector)
@@ -130,6 +131,7 @@ class Master:
                 self._dispatch_signals()
                 self.reap_workers()
                 self.manage_workers()
+                self.watchdog.ping(time.monotonic())
                 if self.stopping and not self.workers:
                     break
                 self._wait()
@@ -152,7 +154,7 @@ class Master:
         if self.settings.metrics_bind is None:
             return
         self.metrics_listener = bind(self.settings.metrics_bind, 128, self.settings.socket_mode)
-        self._servers.append(http_server(self.metrics_listener.sock, self._selector,
+        self.endpoints.append(http_server(self.metrics_listener.sock, self._selector,
                                          self.metrics.routes(self)))
         log.info("metrics on %s", self.metrics_listener.name)
 
@@ -183,7 +185,7 @@ class Master:
             self.reap_workers(block=True)
         for listener in self.listeners.values():
             listener.close()
-        for server in self._servers:
+        for server in self.endpoints:
             server.close()  # the control socket's file goes below
         if self.metrics_listener is not None:
             self.metrics_listener.close()
@@ -244,7 +246,7 @@ class Master:
             else:  # the signal wakeup, a RequestServer's listener or client
                 key.data(mask)
         now = time.monotonic()
-        for server in self._servers:
+        for server in self.endpoints:
             server.expire(now)
 
     def _next_timeout(self) -> float:
@@ -254,7 +256,9 @@ class Master:
         deadlines = [w.kill_at for w in self.workers.values() if w.kill_at is not None]
         if self.next_spawn_at > now:
             deadlines.append(self.next_spawn_at)
-        deadlines += [t for s in self._servers if (t := s.next_deadline()) is not None]
+        deadlines += [t for s in self.endpoints if (t := s.next_deadline()) is not None]
+        if self.watchdog.interval is not None:
+            deadlines.append(self.watchdog.next_at)
         # Heartbeats are checked at least a few times per timeout.
         soonest = min(deadlines, default=now + 1.0)
         return max(0.0, min(soonest - now, 1.0, self.settings.timeout / 4))
@@ -351,7 +355,7 @@ class Master:
                 if isinstance(key.data, WorkerProcess):
                     os.close(key.fd)
             self._selector.close()
-            for server in self._servers:
+            for server in self.endpoints:
                 server.abandon()
             set_title(f"octopusd: worker {ctx.index} [{ctx.settings.app or 'octopus'}]")
             self.target(ctx)
@@ -520,6 +524,10 @@ class Master:
             )
         except OctopusError as exc:
             self._reload_failed(str(exc))
+            return
+        except Exception as exc:  # a bug or an unforeseen error: the old workers serve on
+            log.exception("reload: unexpected error while preparing the new workers")
+            self._reload_failed(f"{type(exc).__name__}: {exc}")
             return
         self.pending = self.generation + 1
         self.pending_settings = settings

@@ -145,6 +145,7 @@ class Worker:
         self.max_message_size = settings.max_message_size
         self.max_write_buffer = settings.max_write_buffer
         self.idle_timeout = settings.idle_timeout
+        self.linger_timeout = settings.linger_timeout
         self.max_connections = settings.max_connections
         self.graceful_timeout = settings.graceful_timeout
         self._listen_events = EPOLLIN | (EPOLLEXCLUSIVE if exclusive else 0)
@@ -159,7 +160,7 @@ class Worker:
         self.threads = ThreadPool(self.loop, settings.threads)  # no thread until used
         self.finished = False  # run() has ended its loop
         # broadcast(): this worker's connections unless a backend replaces it.
-        self.broadcaster: Callable[[bytes], None] = self.deliver
+        self.broadcaster: Callable[[bytes | str], None] = self.deliver
         self.messages_in = 0
         self.messages_out = 0
         self.accepted = 0
@@ -171,6 +172,8 @@ class Worker:
         self.broadcasts_delivered = 0
         self.broadcasts_dropped = 0
         self.redis_gap = 0
+        self.redis_malformed = 0
+        self.internal_refused = 0  # peers and frames refused on the sockets between workers
         self.closes = dict.fromkeys(CLOSE_REASONS, 0)  # why connections ended
         self.accept_pauses = dict.fromkeys(("max_connections", "fd_limit", "fair_share"), 0)
         self.slow_consumers = 0

@@ -24,6 +24,7 @@ CLOSE_REASONS = (
     "shutdown",  # the worker stopped or retired with the connection open
     "tls_handshake",  # the TLS handshake failed or timed out
     "proxy_header",  # a missing or malformed PROXY header
+    "health_check",  # a PROXY v2 LOCAL connection (a balancer's check): never the app's
     "ws_handshake",  # a WebSocket opening handshake failed, timed out or was refused
     "ws_protocol_error",  # a WebSocket protocol error (close code 1002)
     "ws_invalid_utf8",  # invalid UTF-8 in a WebSocket text message (1007)
@@ -47,8 +48,10 @@ WORKER_ATTRIBUTES = (
     "bytes_out",  # bytes the kernel took for client sockets
     "broadcasts_sent",  # broadcast() calls on this worker's connections
     "broadcasts_delivered",  # broadcast messages handed to a connection here
-    "broadcasts_dropped",  # queued to a peer worker whose link was cut off (not reading)
+    "broadcasts_dropped",  # not sent to a peer worker: link cut, no descriptor, too large
     "redis_gap",  # broadcasts that did not reach other servers (Redis down or slow)
+    "redis_malformed",  # messages on the Redis channel that no octopus server sent
+    "internal_refused",  # strangers refused on the sockets between workers, links cut
 )
 
 COUNTERS: tuple[str, ...] = (

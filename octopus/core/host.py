@@ -26,7 +26,8 @@ class Host(Protocol):
     max_message_size: int
     max_write_buffer: int
     idle_timeout: float
-    broadcaster: Callable[[bytes], None]
+    linger_timeout: float  # seconds a closing connection waits for the peer's EOF
+    broadcaster: Callable[[bytes | str], None]  # str: a text message (WebSocket)
     # Counters, read at heartbeat time.
     messages_in: int
     messages_out: int

@@ -19,6 +19,7 @@ class HandoffHost(Host, Protocol):
     balancer: Balancer | None
     admission: Admission
     _stopping: bool
+    internal_refused: int  # strangers refused on the sockets between workers
     websocket_policy: WebSocketPolicy | None  # of its ws listeners; None: it has none
 
     def restart_websockets(self) -> None: ...

@@ -8,6 +8,8 @@ Signals from the master (handled in the worker's loop, between callbacks):
                 or graceful_timeout passes, then exit (with reload_handoff,
                 first move them to the live workers: octopus.handoff.handoff)
     USR1        reopen log files
+    URG         from a peer worker above its fair share: accept what waits
+                (octopus.coordination.balance)
     HUP         ignored (reload is the master's business)
     ABRT        sent by the master when the heartbeat stops: faulthandler
                 dumps every thread's traceback, then the process dies
@@ -40,6 +42,7 @@ from octopus.coordination.balance import Balancer
 from octopus.coordination.scoreboard import READY, RETIRING
 from octopus.core.connection import SocketConnection
 from octopus.core.counters import collect
+from octopus.errors import AppImportError
 from octopus.handoff.handoff import Handoff
 from octopus.importer import import_app, prepare_path
 from octopus.supervisor import privileges
@@ -59,7 +62,13 @@ def run_app(ctx: WorkerContext) -> None:
     """
     drop_privileges(ctx.settings)
     prepare_path(ctx.settings.chdir, ctx.settings.pythonpath)
-    serve(ctx, import_app(ctx.settings.app))
+    try:
+        connection_class = import_app(ctx.settings.app)
+    except AppImportError as exc:
+        if exc.details:  # the one line goes to the master; the whole story to the log
+            logging.getLogger("octopus.app").error("%s\n%s", exc, exc.details.rstrip("\n"))
+        raise
+    serve(ctx, connection_class)
 
 
 def run_class(connection_class: type[SocketConnection]) -> Target:
@@ -84,6 +93,9 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
     settings = ctx.settings
     faulthandler.enable(file=sys.stderr, all_threads=True)
     board, slot = ctx.scoreboard, ctx.slot
+    # The master writes it too, after fork() returns to it: peers check links
+    # against these pids, and this worker may link before the master gets there.
+    board.set_pid(slot, os.getpid())
     worker = Worker(ctx.listeners, connection_class, settings, exclusive=True,
                     listener_flags=ctx.listener_flags,
                     admission=admission.for_settings(settings, ctx.admission))

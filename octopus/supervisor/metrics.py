@@ -39,7 +39,7 @@ from octopus.core.counters import (
     by_name,
 )
 from octopus.supervisor.exposition import CONTENT_TYPE, Family, render
-from octopus.supervisor.httpserve import Route
+from octopus.supervisor.httpserve import RequestServer, Route
 
 if TYPE_CHECKING:
     from octopus.coordination.scoreboard import Scoreboard
@@ -55,6 +55,7 @@ class Master(Protocol):
     num_workers: int
     started: float  # wall clock
     stopping: bool
+    endpoints: list[RequestServer]  # the control socket and metrics_bind
 
 
 RESTART_CAUSES = ("crashed", "boot_failed", "heartbeat")
@@ -78,13 +79,20 @@ _PLAIN = {
     "broadcasts_delivered": ("broadcasts_delivered_total",
                              "Broadcast messages handed to a connection."),
     "broadcasts_dropped": ("broadcasts_dropped_total",
-                           "Broadcasts queued to a peer worker whose link was cut off "
-                           "because it stopped reading."),
+                           "Broadcasts that did not reach a peer worker: its link was cut "
+                           "off because it stopped reading, no descriptor was left to "
+                           "reach it, or the message was over max_message_size."),
     "redis_gap": ("broadcast_redis_gap_total",
                   "Broadcasts that did not reach other servers: Redis was down or slow."),
     "admission_evictions": ("admission_evictions_total",
                             "Entries of the per-address admission table evicted to make "
                             "room: that address's count started afresh."),
+    "redis_malformed": ("broadcast_redis_malformed_total",
+                        "Messages on the Redis channel that no octopus server sent, dropped."),
+    "internal_refused": ("internal_refused_total",
+                         "Connections, datagrams and links refused on the sockets between "
+                         "workers: not from a worker of this server, or breaking the "
+                         "protocol."),
 }
 
 
@@ -270,8 +278,16 @@ class MasterMetrics:
         started = _family("master_start_time_seconds", "gauge",
                           "When the master started, in seconds since the epoch.")
         started.add(round(master.started, 3))
+        cut = _family("endpoint_clients_cut_total", "counter",
+                      "Clients of the master's control socket and metrics_bind cut short, by "
+                      "reason: evicted (all slots taken: a newcomer got the slot of the oldest "
+                      "client still sending its request), timeout, too_large (a request head "
+                      "over the limit, answered 431 on HTTP).")
+        for server in master.endpoints:
+            for reason, count in server.closed.items():
+                cut.add(count, endpoint=server.label, reason=reason)
         return [*families, cpu_family, restarts, reloads, handoffs, healthy, generation,
-                configured, started]
+                configured, started, cut]
 
     def _counter_families(self, counters: dict[int, list[int]]) -> list[Family]:
         position = {name: at for at, name in enumerate(COUNTERS)}

@@ -85,6 +85,19 @@ def process_info(pid: int) -> ProcessInfo | None:
         return None
 
 
+def check(path: str) -> None:
+    """OctopusError (one line) unless ``path`` could be written: what ``create``
+    would meet, found without writing."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise OctopusError(f"cannot write pidfile {path}: is a directory")
+    if not os.path.isdir(parent):
+        raise OctopusError(f"cannot write pidfile {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OctopusError(f"cannot write pidfile {path}: permission denied "
+                           f"(directory {parent})")
+
+
 def boot_id() -> str | None:
     try:
         with open(BOOT_ID) as file:
