@@ -254,8 +254,9 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("workers", _workers, 1,
                 'Number of worker processes, or "auto" for one per CPU.', "N"),
         Setting("max_connections", _positive_int, 10000,
-                "Connections per worker; beyond it the worker stops accepting and new "
-                "clients wait in the backlog.", "N"),
+                "Connections per worker, those still in a TLS handshake or PROXY header "
+                "included (these may take at most half); beyond it the worker stops "
+                "accepting and new clients wait in the backlog.", "N"),
         Setting("timeout", _seconds(positive=True), 30,
                 "Seconds a worker's loop may go without a heartbeat before the master "
                 "kills and replaces it.", "SECONDS"),

@@ -27,7 +27,8 @@ CLOSE_REASONS = (
 )
 
 # Why the worker stopped accepting for a while (``Worker.accept_pauses``).
-ACCEPT_PAUSE_CAUSES = ("max_connections", "fd_limit", "fair_share")
+# handshakes: only the tls/proxy listeners, while half the room is in handshakes.
+ACCEPT_PAUSE_CAUSES = ("max_connections", "fd_limit", "fair_share", "handshakes")
 
 # Plain integer attributes of the worker.
 WORKER_ATTRIBUTES = (

@@ -7,6 +7,11 @@ Accepting:
 - Each readiness event accepts at most ``ACCEPT_BURST`` connections, so one
   busy listener cannot starve established connections, and under
   ``EPOLLEXCLUSIVE`` the backlog is left for the other workers to share.
+- Connections still in their PROXY header or TLS handshake (``preambles``)
+  count toward ``max_connections``. They may hold at most half of the
+  worker's room (``max_connections``, or its descriptor limit if lower):
+  beyond that only the ``tls``/``proxy`` listeners pause, so a flood of
+  silent handshakes cannot keep the plain listeners from being served.
 - At ``max_connections``, or when the kernel has no descriptors left
   (EMFILE/ENFILE) or memory (ENOBUFS/ENOMEM), the worker unregisters its
   listeners: new clients wait in the kernel's backlog (or go to another
@@ -28,6 +33,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -35,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from octopus.config import Settings
 from octopus.core.connection import SocketConnection
-from octopus.core.counters import CLOSE_REASONS
+from octopus.core.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS
 from octopus.core.fdio import acceptor
 from octopus.core.framing import FRAMINGS
 from octopus.core.loop import EPOLLEXCLUSIVE, EPOLLIN, Loop, Timer
@@ -68,6 +74,15 @@ _Accepting = tuple[Callable[[], tuple[int, Any]], Callable[[int, Any], object]]
 
 # accept() errors that mean this process is out of a resource: pause accepting.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def preamble_limit(max_connections: int) -> int:
+    """How many connections may be in a handshake at once: half the worker's room,
+    which the descriptor limit (RLIMIT_NOFILE) bounds as well as max_connections."""
+    descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    room = max_connections if descriptors == resource.RLIM_INFINITY else min(
+        max_connections, descriptors)
+    return max(1, room // 2)
 
 
 class Worker:
@@ -141,7 +156,7 @@ class Worker:
         self.broadcasts_dropped = 0
         self.redis_gap = 0
         self.closes = dict.fromkeys(CLOSE_REASONS, 0)  # why connections ended
-        self.accept_pauses = dict.fromkeys(("max_connections", "fd_limit", "fair_share"), 0)
+        self.accept_pauses = dict.fromkeys(ACCEPT_PAUSE_CAUSES, 0)
         self.slow_consumers = 0
         self.accepting = False
         self._resume_timer: Timer | None = None
@@ -149,8 +164,12 @@ class Worker:
         self._yielded = False  # paused by _yield_to_peer, not for want of resources
         self._draining = False  # the next accept burst ignores the share
         self._stopping = False
-        # Connections still in their PROXY header or TLS handshake, by fd.
+        # Connections still in their PROXY header or TLS handshake, by fd:
+        # counted in max_connections, and at most max_preambles of them.
         self.preambles: dict[int, Preamble] = {}
+        self.max_preambles = preamble_limit(self.max_connections)
+        self._flagged = [listener for listener in self.listeners if flags_of.get(listener)]
+        self._preambles_full = False  # the flagged listeners wait for handshakes to end
 
     def run(self) -> None:
         """Serve until ``stop()``; every connection is closed on return."""
@@ -172,8 +191,12 @@ class Worker:
         self.accepting = True
         self._yielded = False
         for listener in self.listeners:
-            self.loop.register(listener.fileno(), self._listen_events,
-                               functools.partial(self._accept, listener))
+            if not (self._preambles_full and listener in self._flagged):
+                self._watch_listener(listener)
+
+    def _watch_listener(self, listener: socket.socket) -> None:
+        self.loop.register(listener.fileno(), self._listen_events,
+                           functools.partial(self._accept, listener))
 
     def pause_accepting(self, retry_after: float | None = None) -> None:
         if self.accepting:
@@ -193,7 +216,7 @@ class Worker:
 
     def _maybe_resume(self) -> None:
         if not (self.accepting or self._stopping
-                or len(self.connections) >= self.max_connections):
+                or len(self.connections) + len(self.preambles) >= self.max_connections):
             self.start_accepting()
 
     def update_fair_share(self) -> None:
@@ -224,13 +247,15 @@ class Worker:
 
     def _accept(self, listener: socket.socket, mask: int) -> int:
         """Accept up to ACCEPT_BURST connections; return how many were taken."""
-        connections = self.connections
+        connections, preambles = self.connections, self.preambles
         accept, open_connection = self._accepting[listener]
         draining, self._draining = self._draining, False
         for taken in range(ACCEPT_BURST):
-            if len(connections) >= self.max_connections:
+            if len(connections) + len(preambles) >= self.max_connections:
                 self.accept_pauses["max_connections"] += 1
                 self.pause_accepting()
+                return taken
+            if self._preambles_full and listener in self._flagged:
                 return taken
             try:
                 fd, address = accept()
@@ -282,6 +307,21 @@ class Worker:
     def _open_preamble(self, policy: ListenerPolicy, family: int, kind: int, fd: int,
                        address: object) -> None:
         Preamble(self, policy, socket.socket(family, kind, 0, fd), address).begin()
+        if len(self.preambles) >= self.max_preambles and not self._preambles_full:
+            self._preambles_full = True
+            self.accept_pauses["handshakes"] += 1
+            for listener in self._flagged:
+                self.loop.unregister(listener.fileno())
+
+    def preamble_ended(self) -> None:
+        """A preamble failed or became a connection: room for another, maybe."""
+        if self._preambles_full and len(self.preambles) < self.max_preambles:
+            self._preambles_full = False
+            if self.accepting:
+                for listener in self._flagged:
+                    self._watch_listener(listener)
+        if not (self.accepting or self.finished):
+            self._maybe_resume()
 
     def connection_closed(self, conn: SocketConnection) -> None:
         self.connections.pop(conn._fd, None)

@@ -204,6 +204,7 @@ class Preamble:
         self.worker.closes[reason] += 1
         self._release()
         self.sock.close()
+        self.worker.preamble_ended()
 
     def abort(self) -> None:
         """The worker stops: drop this connection, counted as a shutdown."""
@@ -218,6 +219,7 @@ class Preamble:
     def _finish(self) -> None:
         self._release()
         conn = self.worker._open(self.fd, self.address, self.sock, self)
+        self.worker.preamble_ended()
         if conn is None:
             return
         framer, early = conn._framer, self.early
