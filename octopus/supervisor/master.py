@@ -45,7 +45,7 @@ from octopus.supervisor.process import (
     run_app,
     set_title,
 )
-from octopus.supervisor.scoreboard import RETIRING, STATE_NAMES, Scoreboard
+from octopus.supervisor.scoreboard import RETIRING, STATE_NAMES, Scoreboard, capacity_for
 from octopus.supervisor.signals import SignalQueue
 from octopus.transports import tls
 from octopus.transports.listeners import Listener, bind
@@ -85,7 +85,7 @@ class Master:
         self.started = time.time()
         self._signals = SignalQueue()
         self._selector = selectors.DefaultSelector()
-        self.scoreboard = Scoreboard()
+        self.scoreboard = Scoreboard(capacity_for(settings.workers))
         # Distinct even for masters with equal pids in separate pid namespaces.
         self.namespace = f"{os.getpid()}-{secrets.token_hex(8)}"
         self.control: ControlServer | None = None
@@ -205,6 +205,11 @@ class Master:
     handle_quit = handle_int
 
     def handle_ttin(self) -> None:
+        if 2 * (self.num_workers + 1) > self.scoreboard.capacity:
+            log.warning("SIGTTIN: keeping %d worker(s): a reload of more would not fit the "
+                        "scoreboard's %d slots (sized at start; restart to grow it)",
+                        self.num_workers, self.scoreboard.capacity)
+            return
         self.num_workers += 1
         log.info("SIGTTIN: %d worker(s)", self.num_workers)
 
@@ -493,6 +498,12 @@ class Master:
             if settings.config_file is not None:
                 settings = config.load(settings.config_file, self.overrides)
             tls.check(settings)  # renewed certificates: the new workers load them again
+            free = self.scoreboard.capacity - len(self.workers)
+            if settings.workers > free:
+                raise OctopusError(
+                    f"{settings.workers} new worker(s) do not fit the scoreboard: {free} of "
+                    f"its {self.scoreboard.capacity} slots are free (sized at start; restart "
+                    "to grow it)")
             self._pending_listeners = (
                 self.listeners if systemd_owned(self.listeners)
                 else self._bind(settings, keep=self.listeners)

@@ -51,7 +51,16 @@ _BROADCAST = struct.Struct("=q")
 _BROADCAST_AT = _COUNTERS_AT + _COUNTERS.size
 _SLOT_SIZE = _BROADCAST_AT + _BROADCAST.size
 _READ_TRIES = 100
-CAPACITY = 256
+CAPACITY = 256  # the fewest slots a scoreboard gets
+
+
+def capacity_for(workers: int) -> int:
+    """Slots for a server started with ``workers``. The mapping is shared with
+    every worker, so it cannot grow later: a reload runs two generations at
+    once, and as many again leaves room for TTIN, for a reload that raises
+    ``workers``, or for a reload while the last one's workers still retire.
+    Pages the kernel never touches cost no memory (MAP_ANONYMOUS)."""
+    return max(CAPACITY, 4 * workers)
 # A worker may exceed the average by this many connections before it yields
 # new ones to the others: small enough to spread, large enough that workers
 # with equal counts do not all refuse at once.
