@@ -285,6 +285,10 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("max_write_buffer", _positive_int, 33554432,
                 "Bytes pending for one connection before it is disconnected as a slow "
                 "consumer.", "BYTES"),
+        Setting("max_worker_buffer", _positive_int, 1073741824,
+                "Bytes pending in one worker, all its connections together; past it the "
+                "connections with the most pending output are disconnected first, as slow "
+                "consumers.", "BYTES"),
         Setting("idle_timeout", _seconds(positive=False), 0,
                 "Seconds without input before a connection is closed; 0 never closes it.",
                 "SECONDS"),
@@ -416,6 +420,7 @@ class Settings:
     framing: str
     max_message_size: int
     max_write_buffer: int
+    max_worker_buffer: int
     idle_timeout: float
     user: str | int | None
     group: str | int | None

@@ -176,12 +176,17 @@ class SocketConnection:
         # Output already waits, or replies are being gathered while a read is
         # dispatched (corked): append, and let the flush write it in order.
         if wbuf or self._corked:
+            before = len(wbuf)
             if framer is None:
                 wbuf += data
             else:
                 framer.frame_into(wbuf, data)
-            if len(wbuf) > worker.max_write_buffer:
+            size = len(wbuf)
+            worker.pending_output += size - before
+            if size > worker.max_write_buffer:
                 self._slow_consumer()
+            elif worker.pending_output > worker.max_worker_buffer:
+                worker.shed_output()
             return
         if framer is not None:
             data = framer.frame(data)
@@ -195,10 +200,13 @@ class SocketConnection:
         worker.bytes_out += sent
         if sent < len(data):
             wbuf += memoryview(data)[sent:]
+            worker.pending_output += len(data) - sent
             if len(wbuf) > worker.max_write_buffer:
                 self._slow_consumer()
             else:
                 self._watch(self._events | EPOLLOUT)  # EPOLLIN, or paused
+                if worker.pending_output > worker.max_worker_buffer:
+                    worker.shed_output()
 
     def disconnect(self) -> None:
         """Close from the server side once everything sent has been written."""
@@ -304,7 +312,7 @@ class SocketConnection:
         else:  # after a PROXY header or a TLS handshake
             self.tls, self.proxied_by = preamble.tls_info(), preamble.proxied_by
             self._framer = preamble.wrap(self, self._framer)
-            self._wbuf += preamble.unsent()
+            self._queue_output(preamble.unsent())
             if self._wbuf:
                 self._events = EPOLLIN | EPOLLOUT
         worker.loop.register(self._fd, self._events, self._on_events)
@@ -483,7 +491,9 @@ class SocketConnection:
         except OSError as exc:
             self._lost(exc)
             return
-        self._worker.bytes_out += sent
+        worker = self._worker
+        worker.bytes_out += sent
+        worker.pending_output -= sent
         del self._wbuf[:sent]
         if self._wbuf:
             if self._state == OPEN:
@@ -534,8 +544,10 @@ class SocketConnection:
         else:
             self._idle_timer = self._worker.loop.call_later(timeout - idle_for, self._check_idle)
 
-    def _slow_consumer(self) -> None:
-        log.warning("disconnecting slow consumer %r: %d bytes pending", self, len(self._wbuf))
+    def _slow_consumer(self, quiet: bool = False) -> None:
+        if not quiet:
+            log.warning("disconnecting slow consumer %r: %d bytes pending", self,
+                        len(self._wbuf))
         self._worker.slow_consumers += 1
         self._abort("slow_consumer")
 
@@ -548,8 +560,26 @@ class SocketConnection:
 
     def _abort(self, reason: str) -> None:
         """End now, discarding pending output; ``reason`` is counted (CLOSE_REASONS)."""
-        self._wbuf.clear()
+        self._drop_output()
         self._finish(reason)
+
+    # The worker's ``pending_output`` is the sum of ``len(_wbuf)`` over its
+    # connections: whatever grows or empties a ``_wbuf`` updates it (send() and
+    # _flush() inline, the rest through these two).
+
+    def _queue_output(self, data: bytes | bytearray, first: bool = False) -> None:
+        """Add ``data`` (already framed) to the pending output, at its end or ``first``."""
+        if first:
+            self._wbuf[0:0] = data
+        else:
+            self._wbuf += data
+        self._worker.pending_output += len(data)
+
+    def _drop_output(self) -> bytearray:
+        """Take away the pending output (a new empty buffer replaces it); return it."""
+        output, self._wbuf = self._wbuf, bytearray()
+        self._worker.pending_output -= len(output)
+        return output
 
     def _finish(self, reason: str = "") -> None:
         """Close; counted by ``reason``, or, once closing had begun, by why it began."""

@@ -41,6 +41,7 @@ WORKER_ATTRIBUTES = (
     "broadcasts_delivered",  # broadcast messages handed to a connection here
     "broadcasts_dropped",  # queued to a peer worker whose link was cut off (not reading)
     "redis_gap",  # broadcasts that did not reach other servers (Redis down or slow)
+    "worker_buffer_cuts",  # slow consumers cut: the worker's output passed max_worker_buffer
 )
 
 COUNTERS: tuple[str, ...] = (

@@ -331,7 +331,7 @@ class Evacuation:
             conn._idle_timer.cancel()
         conn._state = CLOSED
         conn._corked = False
-        conn._wbuf.clear()
+        conn._drop_output()
         conn._close_socket()
         # It stays in worker.connections (CLOSED: send() does nothing) until the
         # COMMIT is written: the worker exits once that table is empty.

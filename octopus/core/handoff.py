@@ -279,7 +279,7 @@ class _Taker:
         """Make a held connection ours: its old output, then ours; read it again."""
         worker, loop, fd = self.worker, self.loop, conn._fd
         if output:
-            conn._wbuf[0:0] = output
+            conn._queue_output(output, first=True)
         conn._corked = False
         events = conn._events & ~EPOLLOUT
         if conn._wbuf:
@@ -315,6 +315,7 @@ class _Taker:
         close() runs, since resume() did."""
         self.loop.unregister(conn._fd)
         conn._state = CLOSED
+        conn._drop_output()
         conn._close_socket()
         try:
             conn.close()

@@ -76,6 +76,21 @@ _Accepting = tuple[Callable[[], tuple[int, Any]], Callable[[int, Any], object]]
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+class _Throttle:
+    """At most one log line per ``interval`` seconds; the line counts what it covers."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval, self.last, self.count = interval, -interval, 0
+
+    def allow(self, now: float, count: int) -> int | None:
+        """Add ``count`` events; their total since the last line if one may be logged now."""
+        self.count += count
+        if now - self.last < self.interval:
+            return None
+        self.last, total, self.count = now, self.count, 0
+        return total
+
+
 def preamble_limit(max_connections: int) -> int:
     """How many connections may be in a handshake at once: half the worker's room,
     which the descriptor limit (RLIMIT_NOFILE) bounds as well as max_connections."""
@@ -128,6 +143,10 @@ class Worker:
         self.framing = settings.framing
         self.max_message_size = settings.max_message_size
         self.max_write_buffer = settings.max_write_buffer
+        self.max_worker_buffer = settings.max_worker_buffer
+        # Bytes pending in every connection's output buffer together, kept by
+        # the connections as their buffers grow and shrink (a gauge).
+        self.pending_output = 0
         self.idle_timeout = settings.idle_timeout
         self.max_connections = settings.max_connections
         self.graceful_timeout = settings.graceful_timeout
@@ -158,6 +177,9 @@ class Worker:
         self.closes = dict.fromkeys(CLOSE_REASONS, 0)  # why connections ended
         self.accept_pauses = dict.fromkeys(ACCEPT_PAUSE_CAUSES, 0)
         self.slow_consumers = 0
+        self.worker_buffer_cuts = 0  # connections cut for max_worker_buffer
+        self._shedding = False
+        self._shed_log = _Throttle()
         self.accepting = False
         self._resume_timer: Timer | None = None
         self._short_of_resources = False
@@ -341,6 +363,39 @@ class Worker:
         self.broadcasts_delivered += len(connections)
         for conn in connections:
             conn.send(message)
+
+    def shed_output(self) -> None:
+        """Pending output passed ``max_worker_buffer``: cut the connections that
+        hold the most, largest first, until it is back within the budget.
+
+        Runs only when the budget is crossed, inside the send() that crossed
+        it. A close() hook that sends while connections are cut adds to the
+        total; the loop looks again until it is within the budget."""
+        if self._shedding:
+            return
+        self._shedding = True
+        cut = largest = 0
+        try:
+            while self.pending_output > self.max_worker_buffer:
+                holders = sorted((conn for conn in self.connections.values() if conn._wbuf),
+                                 key=lambda conn: len(conn._wbuf), reverse=True)
+                if not holders:
+                    break
+                for conn in holders:
+                    if self.pending_output <= self.max_worker_buffer:
+                        break
+                    largest = max(largest, len(conn._wbuf))
+                    cut += 1
+                    conn._slow_consumer(quiet=True)
+        finally:
+            self._shedding = False
+        self.worker_buffer_cuts += cut
+        suppressed = self._shed_log.allow(self.loop.time, cut)
+        if suppressed is not None:
+            log.warning("output pending in this worker passed max_worker_buffer (%d bytes): "
+                        "%d slow consumer(s) disconnected since the last such line, the "
+                        "largest now with %d bytes pending",
+                        self.max_worker_buffer, suppressed, largest)
 
     def stop(self, graceful: bool = True) -> None:
         """Stop accepting and end every connection; ``run()`` then returns.

@@ -64,6 +64,10 @@ _PLAIN = {
                            "because it stopped reading."),
     "redis_gap": ("broadcast_redis_gap_total",
                   "Broadcasts that did not reach other servers: Redis was down or slow."),
+    "worker_buffer_cuts": ("worker_buffer_cuts_total",
+                           "Connections disconnected because the output pending in their "
+                           "worker passed max_worker_buffer, those with the most first (also "
+                           "counted as closes with reason slow_consumer)."),
 }
 
 
@@ -281,6 +285,9 @@ class MasterMetrics:
                       "beyond that, the loop is stuck.")
         memory = _family("worker_resident_memory_bytes", "gauge",
                          "Resident memory of the worker process.")
+        pending = _family("worker_pending_output_bytes", "gauge",
+                          "Output the worker's connections hold that the kernel has not "
+                          "taken yet, all together (bounded by max_worker_buffer).")
         by_state = dict.fromkeys(STATE_NAMES[1:], 0)
         now = time.monotonic()
         for worker in sorted(master.workers.values(), key=lambda w: (w.index, w.pid)):
@@ -289,6 +296,7 @@ class MasterMetrics:
             by_state[state] = by_state.get(state, 0) + 1
             labels = {"worker": str(worker.index), "pid": str(worker.pid)}
             connections.add(slot.connections, **labels)
+            pending.add(master.scoreboard.pending_output(worker.slot), **labels)
             accepting.add(int(self.read(master, worker).accepting), **labels)
             lag.add(round(max(0.0, now - slot.heartbeat), 6), **labels)
             rss = proc_rss_bytes(worker.pid)
@@ -296,7 +304,7 @@ class MasterMetrics:
                 memory.add(rss, **labels)
         for state, count in by_state.items():
             states.add(count, state=state)
-        return [states, connections, accepting, lag, memory]
+        return [states, connections, accepting, lag, memory, pending]
 
 
 def _family(name: str, kind: str, doc: str) -> Family:

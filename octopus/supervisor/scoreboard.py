@@ -49,7 +49,10 @@ _COUNTERS_AT = _SEQUENCE_AT + _SEQUENCE.size
 # worker at each broadcast when reload_handoff is on; see octopus.broadcast.ledger).
 _BROADCAST = struct.Struct("=q")
 _BROADCAST_AT = _COUNTERS_AT + _COUNTERS.size
-_SLOT_SIZE = _BROADCAST_AT + _BROADCAST.size
+# Then the worker's pending output in bytes (a gauge), written at heartbeat time.
+_PENDING = struct.Struct("=q")
+_PENDING_AT = _BROADCAST_AT + _BROADCAST.size
+_SLOT_SIZE = _PENDING_AT + _PENDING.size
 _READ_TRIES = 100
 CAPACITY = 256  # the fewest slots a scoreboard gets
 
@@ -206,6 +209,12 @@ class Scoreboard:
         while (again := _BROADCAST.unpack_from(self._mem, at)[0]) != seq:
             seq = again
         return int(seq)
+
+    def set_pending_output(self, index: int, size: int) -> None:
+        _PENDING.pack_into(self._mem, self._offset(index) + _PENDING_AT, size)
+
+    def pending_output(self, index: int) -> int:
+        return int(_PENDING.unpack_from(self._mem, self._offset(index) + _PENDING_AT)[0])
 
     def close(self) -> None:
         self._mem.close()
