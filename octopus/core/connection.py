@@ -71,6 +71,7 @@ log = logging.getLogger("octopus.worker")
 
 OPEN, CLOSING, LINGER, CLOSED, CONNECTING = range(5)
 RECV_SIZE = 65536
+OUTPUT_STEP = 4096  # bytes: the least a connection's reservation grows by (see _reserve)
 LINGER_SECONDS = 2.0
 _READABLE = EPOLLIN | EPOLLERR | EPOLLHUP
 _PAUSED = select.EPOLLET  # the read half of a paused registration (see above)
@@ -108,6 +109,7 @@ class SocketConnection:
         "_state",
         "_wbuf",
         "_worker",
+        "_wreserved",
         "address",
         "credentials",
         "proxied_by",
@@ -126,6 +128,7 @@ class SocketConnection:
     _peer_done: bool
     _reason: str  # why it is closing (octopus.core.counters.CLOSE_REASONS)
     _wbuf: bytearray
+    _wreserved: int  # this connection's share of the worker's pending_output (see _reserve)
     _events: int
     _last_input: float
     _idle_timer: Timer | None
@@ -176,17 +179,12 @@ class SocketConnection:
         # Output already waits, or replies are being gathered while a read is
         # dispatched (corked): append, and let the flush write it in order.
         if wbuf or self._corked:
-            before = len(wbuf)
             if framer is None:
                 wbuf += data
             else:
                 framer.frame_into(wbuf, data)
-            size = len(wbuf)
-            worker.pending_output += size - before
-            if size > worker.max_write_buffer:
-                self._slow_consumer()
-            elif worker.pending_output > worker.max_worker_buffer:
-                worker.shed_output()
+            if len(wbuf) > self._wreserved:
+                self._output_grew()
             return
         if framer is not None:
             data = framer.frame(data)
@@ -200,13 +198,8 @@ class SocketConnection:
         worker.bytes_out += sent
         if sent < len(data):
             wbuf += memoryview(data)[sent:]
-            worker.pending_output += len(data) - sent
-            if len(wbuf) > worker.max_write_buffer:
-                self._slow_consumer()
-            else:
+            if len(wbuf) <= self._wreserved or self._output_grew():
                 self._watch(self._events | EPOLLOUT)  # EPOLLIN, or paused
-                if worker.pending_output > worker.max_worker_buffer:
-                    worker.shed_output()
 
     def disconnect(self) -> None:
         """Close from the server side once everything sent has been written."""
@@ -335,6 +328,7 @@ class SocketConnection:
         self._reason = "eof"
         self._corked = False
         self._wbuf = bytearray()
+        self._wreserved = 0
         self._idle_timer = None
         self.address = address
         if type(address) is tuple:  # TCP: (host, port, ...)
@@ -491,10 +485,10 @@ class SocketConnection:
         except OSError as exc:
             self._lost(exc)
             return
-        worker = self._worker
-        worker.bytes_out += sent
-        worker.pending_output -= sent
+        self._worker.bytes_out += sent
         del self._wbuf[:sent]
+        if len(self._wbuf) < self._wreserved >> 1:
+            self._reserve()
         if self._wbuf:
             if self._state == OPEN:
                 self._watch(self._events | EPOLLOUT)  # EPOLLIN, or paused
@@ -563,9 +557,32 @@ class SocketConnection:
         self._drop_output()
         self._finish(reason)
 
-    # The worker's ``pending_output`` is the sum of ``len(_wbuf)`` over its
-    # connections: whatever grows or empties a ``_wbuf`` updates it (send() and
-    # _flush() inline, the rest through these two).
+    # The worker's ``pending_output`` is the sum of the connections' reservations
+    # (``_wreserved``), each at least ``len(_wbuf)``: a reservation grows in
+    # steps (an eighth of the buffer, plus OUTPUT_STEP), so send() only compares
+    # the buffer with it, and comes here when it outgrows it; a flush that
+    # halves the buffer gives back what it no longer needs.
+
+    def _reserve(self) -> None:
+        """Reserve for what is pending now, plus a step (nothing when nothing is)."""
+        size = len(self._wbuf)
+        reserve = size and max(size, min(size + (size >> 3) + OUTPUT_STEP,
+                                         self._worker.max_write_buffer))
+        self._worker.pending_output += reserve - self._wreserved
+        self._wreserved = reserve
+
+    def _output_grew(self) -> bool:
+        """The buffer outgrew its reservation: cut this connection past
+        max_write_buffer; else reserve more, and should the worker then pass
+        max_worker_buffer, cut those holding the most. False if this one was cut."""
+        worker = self._worker
+        if len(self._wbuf) > worker.max_write_buffer:
+            self._slow_consumer()
+            return False
+        self._reserve()
+        if worker.pending_output > worker.max_worker_buffer:
+            worker.shed_output()
+        return self._state != CLOSED
 
     def _queue_output(self, data: bytes | bytearray, first: bool = False) -> None:
         """Add ``data`` (already framed) to the pending output, at its end or ``first``."""
@@ -573,12 +590,14 @@ class SocketConnection:
             self._wbuf[0:0] = data
         else:
             self._wbuf += data
-        self._worker.pending_output += len(data)
+        if len(self._wbuf) > self._wreserved:
+            self._reserve()
 
     def _drop_output(self) -> bytearray:
         """Take away the pending output (a new empty buffer replaces it); return it."""
         output, self._wbuf = self._wbuf, bytearray()
-        self._worker.pending_output -= len(output)
+        self._worker.pending_output -= self._wreserved
+        self._wreserved = 0
         return output
 
     def _finish(self, reason: str = "") -> None:

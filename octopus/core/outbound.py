@@ -232,14 +232,13 @@ class Connector:
         except OSError as exc:  # reset between the handshake and now
             self._failed(_reason(exc.errno or errno.ENOTCONN))
             return
-        queued = conn._wbuf  # counted in the worker's pending_output by queue()
+        queued = conn._drop_output()
         conn._start(self.worker, conn._fd, peer, conn._sock)  # connect() runs here
         conn._connector = None
         if conn._state != OPEN:
-            self.worker.pending_output -= len(queued)
             return
         if queued:
-            conn._wbuf += queued
+            conn._queue_output(queued)
             if not conn._events & EPOLLOUT:
                 conn._flush()
         if self.paused and conn._state == OPEN:
@@ -249,16 +248,12 @@ class Connector:
         """``send()`` before the connection is made: buffered, framed, bounded."""
         conn, worker = self.conn, self.worker
         worker.messages_out += 1
-        before = len(conn._wbuf)
         if conn._framer is None:
             conn._wbuf += data
         else:
             conn._framer.frame_into(conn._wbuf, data)
-        worker.pending_output += len(conn._wbuf) - before
-        if len(conn._wbuf) > worker.max_write_buffer:
-            conn._slow_consumer()
-        elif worker.pending_output > worker.max_worker_buffer:
-            worker.shed_output()
+        if len(conn._wbuf) > conn._wreserved:
+            conn._output_grew()
 
     def cancel(self, reason: str) -> None:
         """``disconnect()`` (or a stopping worker) before the connection was made."""

@@ -144,8 +144,8 @@ class Worker:
         self.max_message_size = settings.max_message_size
         self.max_write_buffer = settings.max_write_buffer
         self.max_worker_buffer = settings.max_worker_buffer
-        # Bytes pending in every connection's output buffer together, kept by
-        # the connections as their buffers grow and shrink (a gauge).
+        # Output pending in all connections together, as they reserved it (in
+        # steps: at most an eighth and 4 KiB more than their buffers hold).
         self.pending_output = 0
         self.idle_timeout = settings.idle_timeout
         self.max_connections = settings.max_connections

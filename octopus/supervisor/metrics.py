@@ -287,7 +287,8 @@ class MasterMetrics:
                          "Resident memory of the worker process.")
         pending = _family("worker_pending_output_bytes", "gauge",
                           "Output the worker's connections hold that the kernel has not "
-                          "taken yet, all together (bounded by max_worker_buffer).")
+                          "taken yet, all together, as reserved (in steps of an eighth plus "
+                          "4 KiB per connection); bounded by max_worker_buffer.")
         by_state = dict.fromkeys(STATE_NAMES[1:], 0)
         now = time.monotonic()
         for worker in sorted(master.workers.values(), key=lambda w: (w.index, w.pid)):
