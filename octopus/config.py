@@ -248,7 +248,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "N"),
         Setting("socket_mode", _octal, "0600",
                 "File mode of the Unix sockets octopus creates, as a string of octal "
-                "digits.", "MODE"),
+                "digits. An abstract socket (unix:@name) has no file: any local user "
+                "can connect to it.", "MODE"),
     )),
     ("Workers", (
         Setting("workers", _workers, 1,
