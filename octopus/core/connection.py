@@ -585,8 +585,12 @@ class SocketConnection:
         return self._state != CLOSED
 
     def _queue_output(self, data: bytes | bytearray, first: bool = False) -> None:
-        """Add ``data`` (already framed) to the pending output, at its end or ``first``."""
-        if first:
+        """Add ``data`` (already framed) to the pending output, at its end or
+        ``first``; a bytearray put first becomes the buffer (it is not copied)."""
+        if first and isinstance(data, bytearray):
+            data += self._wbuf
+            self._wbuf = data
+        elif first:
             self._wbuf[0:0] = data
         else:
             self._wbuf += data
