@@ -4,7 +4,10 @@ the other listeners (issue: a flood of silent handshakes held every slot)."""
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from octopus import SocketConnection
-from tests.conftest import ThreadedServer
+from tests.conftest import _RUNNER, ThreadedServer
 from tests.helpers import connect, wait_until
 from tests.helpers import recv_through_newline as read_line
+from tests.procs import ProcessGroup
 from tests.tls_certs import Certs, make_certs, tls_connect
 
 Start = Callable[..., ThreadedServer]
@@ -98,3 +102,35 @@ def test_handshakes_count_toward_max_connections(threaded_server: Start,
         assert max(seen) == 5
         # Timed-out handshakes make room for the ones waiting in the backlog.
         wait_until(lambda: worker.closes["tls_handshake"] >= 10, timeout=5)
+
+
+ECHO_APP = """
+from octopus import SocketConnection
+
+
+class Echo(SocketConnection):
+    framing = "line"
+
+    def receive(self, message):
+        self.send(message)
+"""
+
+
+def test_silent_handshakes_cannot_take_every_descriptor(tmp_path: Path, certs: Certs) -> None:
+    """With a low descriptor limit (and max_connections far above it), silent TLS
+    clients hold at most half the descriptors: the plain listener goes on."""
+    (tmp_path / "echo.py").write_text(ECHO_APP)
+    server = ProcessGroup(["prlimit", "--nofile=256:256", sys.executable, "-c", _RUNNER,
+                           str(tmp_path), "echo", "Echo", json.dumps(certs.settings()),
+                           "127.0.0.1:0 tls", "127.0.0.1:0"], tmp_path)
+    try:
+        server.wait_for_log("listening on", count=2)
+        tls_address, plain_address = re.findall(r"listening on (\S+)", server.log)
+        with silent_clients(tls_address, FLOOD):
+            time.sleep(0.2)  # the worker takes what it will of the flood
+            for _ in range(9):
+                with connect(plain_address, timeout=2) as plain:
+                    plain.sendall(b"still here\n")
+                    assert read_line(plain) == b"still here\n"
+    finally:
+        server.kill()
