@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that ``import octopus.supervisor.master`` (which never runs application
+    # Lazy, so that ``import octopus.master`` (which never runs application
     # code) does not pull in the event loop and connection layers.
     if name == "Octopus":
         from octopus.server import Octopus

@@ -2,7 +2,7 @@
 
 With ``workers=1`` (the default) it binds and serves in the calling process,
 as the original octopus did. With more workers it becomes the prefork master
-of ``octopus.supervisor.master``, forking workers that run the connection class it was
+of ``octopus.master``, forking workers that run the connection class it was
 given.
 """
 
@@ -14,12 +14,13 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from octopus import broadcast, config, logs
+from octopus.coordination import admission
 from octopus.core.connection import SocketConnection
-from octopus.core.worker import Worker
 from octopus.transports.listeners import Listener, bind_all
+from octopus.worker import Worker
 
 if TYPE_CHECKING:
-    from octopus.supervisor.master import Master
+    from octopus.master import Master
 
 log = logging.getLogger("octopus.worker")
 
@@ -62,8 +63,8 @@ class Octopus:
                 listener.close()
 
     def _run_master(self) -> None:
+        from octopus.master import Master
         from octopus.supervisor.child import run_class
-        from octopus.supervisor.master import Master
 
         self._run(Master(self.settings, run_class(self.connection_class)))
 
@@ -73,7 +74,8 @@ class Octopus:
             log.info("listening on %s", name)
         worker = Worker([listener.sock for listener in listeners],
                         self.connection_class, self.settings,
-                        listener_flags=[flags for _, flags in self.settings.bind_entries()])
+                        listener_flags=[flags for _, flags in self.settings.bind_entries()],
+                        admission=admission.for_settings(self.settings, None))
         broadcast.attach(worker, self.settings)
         if threading.current_thread() is threading.main_thread():
             # A first signal drains; a second one closes everything at once.

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from octopus import SocketConnection, config
-from octopus.core.worker import Worker
+from octopus.worker import Worker
 
 C = TypeVar("C", bound=SocketConnection)
 

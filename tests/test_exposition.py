@@ -9,11 +9,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from octopus import SocketConnection
 from octopus.config import DEFAULTS
+from octopus.coordination import scoreboard
+from octopus.coordination.scoreboard import Scoreboard
 from octopus.core.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS, COUNTERS, by_name, collect
-from octopus.core.worker import Worker
-from octopus.supervisor import scoreboard
 from octopus.supervisor.exposition import Family, render
-from octopus.supervisor.scoreboard import Scoreboard
+from octopus.worker import Worker
 
 
 def test_render_is_read_back_by_prometheus_parser() -> None:

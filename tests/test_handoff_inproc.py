@@ -20,11 +20,11 @@ import pytest
 from octopus import SocketConnection, config
 from octopus.broadcast.ledger import Ledger
 from octopus.broadcast.local import LocalMesh
+from octopus.coordination.scoreboard import READY, Scoreboard
 from octopus.core.connection import CLOSED, OPEN
-from octopus.core.handoff import Handoff
 from octopus.core.loop import EPOLLIN
-from octopus.core.worker import Worker
-from octopus.supervisor.scoreboard import READY, Scoreboard
+from octopus.handoff.handoff import Handoff
+from octopus.worker import Worker
 from tests.inloop import tcp_pair
 
 

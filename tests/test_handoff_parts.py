@@ -10,10 +10,10 @@ import pytest
 
 from octopus.broadcast import ledger as ledger_module
 from octopus.broadcast.ledger import Ledger
+from octopus.coordination.scoreboard import READY, Scoreboard
 from octopus.core.connection import CLOSED, OPEN
-from octopus.core.handoff_link import CHUNK, Link
 from octopus.core.loop import Loop
-from octopus.supervisor.scoreboard import READY, Scoreboard
+from octopus.handoff.link import CHUNK, Link
 
 PEER = (1, 4242)  # a sender: (slot, pid)
 

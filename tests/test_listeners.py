@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from octopus.core.address import Address
 from octopus.errors import BindError
 from octopus.transports import listeners
-from octopus.transports.address import Address
 from octopus.transports.listeners import Listener, bind, bind_all, from_fd, has_ipv6
 
 needs_ipv6 = pytest.mark.skipif(not has_ipv6(),
@@ -211,7 +211,7 @@ def test_abstract_unix_socket(opened: list[Listener], caplog: pytest.LogCaptureF
     # No file, so no mode: said once, at bind.
     assert [record.getMessage() for record in caplog.records] == [
         f"unix:{name} is an abstract socket: socket_mode does not apply, any local user "
-        "can connect to it"]
+        "can connect to it (unix_allow_uids limits who may)"]
 
 
 def test_close_unlinks_own_socket(tmp_path: Path) -> None:
@@ -292,7 +292,7 @@ def test_from_fd_listening_socket(opened: list[Listener]) -> None:
         fd = os.dup(original.fileno())
     listener = from_fd(fd)
     opened.append(listener)
-    assert listener.name == f"fd://{fd}"
+    assert listener.name == f"fd://{fd} (127.0.0.1:{port})"
     assert listener.address == Address("fd", fd=fd)
     assert listener.sock.fileno() == fd
     assert listener.sock.getblocking() is False
@@ -303,10 +303,11 @@ def test_bind_fd_address(opened: list[Listener]) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as original:
         original.bind(("127.0.0.1", 0))
         original.listen(8)
+        port = original.getsockname()[1]
         fd = os.dup(original.fileno())
     listener = bind(f"fd://{fd}")
     opened.append(listener)
-    assert listener.name == f"fd://{fd}"
+    assert listener.name == f"fd://{fd} (127.0.0.1:{port})"
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM])

@@ -233,16 +233,16 @@ def test_import_master_leaves_out_the_loop_and_the_app(tmp_path: Path) -> None:
     procs.write_app(tmp_path, procs.PID_APP)
     code = """if True:
         import json, sys
-        import octopus.supervisor.master
+        import octopus.master
         from octopus import config
-        octopus.supervisor.master.Master(config.load(None, {"app": "app:App"}))
+        octopus.master.Master(config.load(None, {"app": "app:App"}))
         print(json.dumps(sorted(sys.modules)))
     """
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             text=True, timeout=20, env=procs.server_env())
     assert result.returncode == 0, result.stderr
     modules = set(json.loads(result.stdout))
-    assert "octopus.supervisor.master" in modules
+    assert "octopus.master" in modules
     assert "octopus.core.loop" not in modules
     assert "octopus.supervisor.child" not in modules
     assert "app" not in modules
@@ -306,8 +306,8 @@ def test_a_refused_fork_is_logged_and_retried_later(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # fork() failing with EAGAIN (process limit) cannot be provoked as root.
     from octopus import config
-    from octopus.supervisor.master import Master
-    from octopus.supervisor.scoreboard import FREE
+    from octopus.coordination.scoreboard import FREE
+    from octopus.master import Master
 
     def refuse() -> int:
         raise BlockingIOError(11, "Resource temporarily unavailable")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from octopus.supervisor.scoreboard import BOOTING, FAIR_SLACK, FREE, READY, RETIRING, Scoreboard
+from octopus.coordination.scoreboard import BOOTING, FAIR_SLACK, FREE, READY, RETIRING, Scoreboard
 
 
 def ready_board(counts: list[int]) -> tuple[Scoreboard, list[int]]:
@@ -92,7 +92,7 @@ def test_slots_are_shared_with_a_forked_child() -> None:
 
 
 def test_capacity_grows_with_workers() -> None:
-    from octopus.supervisor.scoreboard import CAPACITY, capacity_for
+    from octopus.coordination.scoreboard import CAPACITY, capacity_for
 
     assert capacity_for(1) == CAPACITY
     # A reload of 192 workers ("auto" on a big host) after TTIN took them to 384.

@@ -16,14 +16,14 @@ import socket
 from typing import TYPE_CHECKING
 
 from octopus.config import Settings
-from octopus.core.worker import Worker
-from octopus.supervisor.scoreboard import Scoreboard
+from octopus.coordination.scoreboard import Scoreboard
 
 if TYPE_CHECKING:
+    from octopus.broadcast.host import BroadcastHost
     from octopus.broadcast.local import LocalMesh
 
 
-def attach(worker: Worker, settings: Settings, board: Scoreboard | None = None,
+def attach(worker: BroadcastHost, settings: Settings, board: Scoreboard | None = None,
            slot: int = -1, namespace: str = "") -> LocalMesh | None:
     """Give ``worker`` the broadcast backend that ``settings.broadcast`` names;
     return the mesh between the workers (None for a worker on its own)."""

@@ -48,9 +48,9 @@ from typing import TYPE_CHECKING
 from octopus.core.connection import CLOSED
 
 if TYPE_CHECKING:
+    from octopus.broadcast.host import BroadcastHost
+    from octopus.coordination.scoreboard import Scoreboard
     from octopus.core.connection import SocketConnection
-    from octopus.core.worker import Worker
-    from octopus.supervisor.scoreboard import Scoreboard
 
 log = logging.getLogger("octopus.worker")
 
@@ -80,7 +80,7 @@ class _History:
 class Ledger:
     """A worker's broadcast numbers: its own, and what it delivered of each sender."""
 
-    def __init__(self, worker: Worker, board: Scoreboard, slot: int) -> None:
+    def __init__(self, worker: BroadcastHost, board: Scoreboard, slot: int) -> None:
         self.worker, self.board, self.slot = worker, board, slot
         self.key: Key = (slot, os.getpid())
         self.seq = 0  # the number of this worker's latest broadcast

@@ -35,10 +35,10 @@ import os
 import socket
 import struct
 
+from octopus.broadcast.host import BroadcastHost
 from octopus.broadcast.ledger import Key, Ledger
+from octopus.coordination.scoreboard import Scoreboard
 from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, accept_waiting
-from octopus.core.worker import Worker
-from octopus.supervisor.scoreboard import Scoreboard
 
 log = logging.getLogger("octopus.worker")
 
@@ -152,7 +152,7 @@ class _Inbound:
 
 
 class LocalMesh:
-    def __init__(self, worker: Worker, board: Scoreboard, slot: int, namespace: str,
+    def __init__(self, worker: BroadcastHost, board: Scoreboard, slot: int, namespace: str,
                  ledger: Ledger | None = None) -> None:
         self.worker, self.loop, self.board, self.slot = worker, worker.loop, board, slot
         self.namespace = namespace

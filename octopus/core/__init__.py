@@ -1,1 +1,1 @@
-"""The event loop, connections, framing and the worker: one process serving one application."""
+"""Below everything: the event loop, connections, framing, addresses and descriptor I/O."""

@@ -20,7 +20,7 @@ outbound one, connected or not)::
     CLOSING     output drained after peer's EOF      close the socket             CLOSED
     LINGER      peer's EOF, or linger time passes    close the socket             CLOSED
     OPEN        handed off (reload_handoff; see      stop reading, suspend(), the CLOSED
-                octopus.core.handoff)                     new worker resume()s it; no
+                octopus.handoff.handoff)                     new worker resume()s it; no
                                                      close() here
     any         reset, hook raised, idle timeout,    close the socket now         CLOSED
                 slow consumer, oversized message,
@@ -28,7 +28,8 @@ outbound one, connected or not)::
 
 LINGER exists because closing a socket that still has unread input makes the
 kernel send RST instead of FIN, and an RST can make the peer drop the reply it
-has not read yet: so after our FIN we read and discard until the peer's EOF.
+has not read yet: so after our FIN we read and discard until the peer's EOF,
+for at most ``linger_timeout`` seconds.
 
 Paused reading leaves the kernel's receive buffer to fill, so TCP's window
 closes and the peer is held back. Paused is not a state of its own: it is
@@ -61,10 +62,8 @@ from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Timer
 
 if TYPE_CHECKING:
     from octopus.core.framing import Framer
+    from octopus.core.host import Host, Preamble, TLSDetails
     from octopus.core.outbound import Connector
-    from octopus.core.worker import Worker
-    from octopus.transports.preamble import Preamble
-    from octopus.transports.tls import TLSInfo
 
 app_log = logging.getLogger("octopus.app")
 log = logging.getLogger("octopus.worker")
@@ -72,7 +71,6 @@ log = logging.getLogger("octopus.worker")
 OPEN, CLOSING, LINGER, CLOSED, CONNECTING = range(5)
 RECV_SIZE = 65536
 OUTPUT_STEP = 4096  # bytes: the least a connection's reservation grows by (see _reserve)
-LINGER_SECONDS = 2.0
 _READABLE = EPOLLIN | EPOLLERR | EPOLLHUP
 _PAUSED = select.EPOLLET  # the read half of a paused registration (see above)
 _ALL_BUT_OUT = ~EPOLLOUT
@@ -116,7 +114,7 @@ class SocketConnection:
         "tls",
     )
 
-    _worker: Worker
+    _worker: Host
     # None on an accepted TCP connection until something needs the socket
     # object (``_socket()``): the message path goes through ``_fd`` alone.
     _sock: socket.socket | None
@@ -135,7 +133,7 @@ class SocketConnection:
     _framer: Framer | None
     address: Any
     credentials: tuple[int, int, int] | None
-    tls: TLSInfo | None  # on TLS listeners: version, cipher, ALPN, SNI, client certificate
+    tls: TLSDetails | None  # on TLS listeners: version, cipher, ALPN, SNI, client certificate
     proxied_by: Any  # on proxy listeners: the balancer's address (``address`` is the client's)
 
     def connect(self) -> None:
@@ -297,7 +295,7 @@ class SocketConnection:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address!r} fd={self._fd}>"
 
-    def _start(self, worker: Worker, fd: int, address: Any, sock: socket.socket | None = None,
+    def _start(self, worker: Host, fd: int, address: Any, sock: socket.socket | None = None,
                preamble: Preamble | None = None) -> None:
         self._attach(worker, fd, address, sock)
         if preamble is None:
@@ -315,11 +313,11 @@ class SocketConnection:
         self._connected = True
         self._run_hook(self.connect)
 
-    def _attach(self, worker: Worker, fd: int, address: Any,
+    def _attach(self, worker: Host, fd: int, address: Any,
                 sock: socket.socket | None = None) -> None:
         """Take the non-blocking stream socket ``fd`` (whose object ``sock`` is, if
         made) as an OPEN connection of ``worker``, not yet registered (``_start``,
-        and ``octopus.core.handoff`` for a connection moved here)."""
+        and ``octopus.handoff.handoff`` for a connection moved here)."""
         self._worker = worker
         self._fd = fd
         self._state = OPEN
@@ -518,7 +516,7 @@ class SocketConnection:
             return
         self._state = LINGER
         self._watch(EPOLLIN)
-        self._worker.loop.call_later(LINGER_SECONDS, self._finish)
+        self._worker.loop.call_later(self._worker.linger_timeout, self._finish)
 
     def _watch(self, events: int) -> None:
         if events != self._events:

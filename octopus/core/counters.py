@@ -24,7 +24,12 @@ CLOSE_REASONS = (
     "shutdown",  # the worker stopped or retired with the connection open
     "tls_handshake",  # the TLS handshake failed or timed out
     "proxy_header",  # a missing or malformed PROXY header
+    "health_check",  # a PROXY v2 LOCAL connection (a balancer's check): never the app's
 )
+
+# Why admission control refused a connection (``Worker.admission.refused``;
+# ``would_refuse`` counts the same under admission_dry_run).
+REFUSE_REASONS = ("per_ip_connections", "per_ip_rate", "peer_uid")
 
 # Why the worker stopped accepting for a while (``Worker.accept_pauses``).
 # handshakes: only the tls/proxy listeners, while half the room is in handshakes.
@@ -41,6 +46,7 @@ WORKER_ATTRIBUTES = (
     "broadcasts_delivered",  # broadcast messages handed to a connection here
     "broadcasts_dropped",  # queued to a peer worker whose link was cut off (not reading)
     "redis_gap",  # broadcasts that did not reach other servers (Redis down or slow)
+    "redis_malformed",  # messages on the Redis channel that no octopus server sent
     "worker_buffer_cuts",  # slow consumers cut: the worker's output passed max_worker_buffer
 )
 
@@ -48,6 +54,10 @@ COUNTERS: tuple[str, ...] = (
     WORKER_ATTRIBUTES
     + tuple(f"closes.{reason}" for reason in CLOSE_REASONS)
     + tuple(f"accept_pauses.{cause}" for cause in ACCEPT_PAUSE_CAUSES)
+    + tuple(f"refused.{reason}" for reason in REFUSE_REASONS)
+    + tuple(f"would_refuse.{reason}" for reason in REFUSE_REASONS)
+    # admission table entries this worker evicted to make room
+    + ("admission_evictions",)
 )
 
 _attributes = operator.attrgetter(*WORKER_ATTRIBUTES)
@@ -55,10 +65,14 @@ _attributes = operator.attrgetter(*WORKER_ATTRIBUTES)
 
 def collect(worker: Any) -> tuple[int, ...]:
     """The worker's counters, in the order of ``COUNTERS``."""
-    closes, pauses = worker.closes, worker.accept_pauses
+    closes, pauses, admission = worker.closes, worker.accept_pauses, worker.admission
+    refused, would_refuse = admission.refused, admission.would_refuse
     return (*_attributes(worker),
             *[closes[reason] for reason in CLOSE_REASONS],
-            *[pauses[cause] for cause in ACCEPT_PAUSE_CAUSES])
+            *[pauses[cause] for cause in ACCEPT_PAUSE_CAUSES],
+            *[refused[reason] for reason in REFUSE_REASONS],
+            *[would_refuse[reason] for reason in REFUSE_REASONS],
+            admission.evictions)
 
 
 def by_name(values: tuple[int, ...]) -> dict[str, int]:

@@ -33,17 +33,17 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
+from octopus.core.address import Address, parse_address
 from octopus.core.connection import CLOSED, CONNECTING, OPEN, SocketConnection
 from octopus.core.framing import FRAMINGS, make_framer
 from octopus.core.loop import EPOLLOUT
 from octopus.errors import ConfigError
-from octopus.transports.address import Address, parse_address
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from octopus.core.framing import Framer
-    from octopus.core.worker import Worker
+    from octopus.core.host import Host
 
 log = logging.getLogger("octopus.worker")
 
@@ -51,7 +51,7 @@ _REASONS = {errno.EAGAIN: "listen backlog full"}
 AddrInfo = tuple[int, Any]  # (family, sockaddr)
 
 
-def open_connection(worker: Worker, address: str,
+def open_connection(worker: Host, address: str,
                     connection_class: type[SocketConnection]) -> SocketConnection:
     """A new ``connection_class`` connecting to ``address``; see the module docstring.
 
@@ -83,7 +83,7 @@ def _target(address: str) -> Address:
                      "expected HOST:PORT, [IPV6]:PORT or unix:PATH")
 
 
-def _framer(connection_class: type[SocketConnection], worker: Worker) -> Framer | None:
+def _framer(connection_class: type[SocketConnection], worker: Host) -> Framer | None:
     framing = connection_class.framing or worker.framing
     if framing not in FRAMINGS:
         raise ValueError(f"{connection_class.__qualname__}.framing: expected one of "
@@ -118,7 +118,7 @@ class Connector:
 
     __slots__ = ("_addresses", "_fresh", "conn", "error", "paused", "target", "worker")
 
-    def __init__(self, worker: Worker, conn: SocketConnection, target: Address) -> None:
+    def __init__(self, worker: Host, conn: SocketConnection, target: Address) -> None:
         self.worker = worker
         self.conn = conn
         self.target = target

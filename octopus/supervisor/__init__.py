@@ -1,1 +1,2 @@
-"""The process model: the master, its worker processes, the scoreboard, control, systemd."""
+"""The master's parts: worker processes and the forked side, control socket, metrics and
+/health, daemon, pidfile, privileges, systemd, signals."""

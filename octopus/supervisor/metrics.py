@@ -28,16 +28,35 @@ import os
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from octopus.core.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS, COUNTERS, by_name
+from octopus.coordination.scoreboard import STATE_NAMES
+from octopus.core.counters import (
+    ACCEPT_PAUSE_CAUSES,
+    CLOSE_REASONS,
+    COUNTERS,
+    REFUSE_REASONS,
+    by_name,
+)
 from octopus.supervisor.exposition import CONTENT_TYPE, Family, render
-from octopus.supervisor.httpserve import Route
-from octopus.supervisor.scoreboard import STATE_NAMES
+from octopus.supervisor.httpserve import RequestServer, Route
 
 if TYPE_CHECKING:
-    from octopus.supervisor.master import Master
+    from octopus.coordination.scoreboard import Scoreboard
     from octopus.supervisor.process import WorkerProcess
+
+
+class Master(Protocol):
+    """What metrics read of the master (``octopus.master.Master``, a layer above)."""
+
+    scoreboard: Scoreboard
+    workers: dict[int, WorkerProcess]
+    generation: int
+    num_workers: int
+    started: float  # wall clock
+    stopping: bool
+    endpoints: list[RequestServer]  # the control socket and metrics_bind
+
 
 RESTART_CAUSES = ("crashed", "boot_failed", "heartbeat")
 RELOAD_RESULTS = ("ok", "failed")
@@ -64,6 +83,11 @@ _PLAIN = {
                            "because it stopped reading."),
     "redis_gap": ("broadcast_redis_gap_total",
                   "Broadcasts that did not reach other servers: Redis was down or slow."),
+    "admission_evictions": ("admission_evictions_total",
+                            "Entries of the per-address admission table evicted to make "
+                            "room: that address's count started afresh."),
+    "redis_malformed": ("broadcast_redis_malformed_total",
+                        "Messages on the Redis channel that no octopus server sent, dropped."),
     "worker_buffer_cuts": ("worker_buffer_cuts_total",
                            "Connections disconnected because the output pending in their "
                            "worker passed max_worker_buffer, those with the most first (also "
@@ -253,8 +277,16 @@ class MasterMetrics:
         started = _family("master_start_time_seconds", "gauge",
                           "When the master started, in seconds since the epoch.")
         started.add(round(master.started, 3))
+        cut = _family("endpoint_clients_cut_total", "counter",
+                      "Clients of the master's control socket and metrics_bind cut short, by "
+                      "reason: evicted (all slots taken: a newcomer got the slot of the oldest "
+                      "client still sending its request), timeout, too_large (a request head "
+                      "over the limit, answered 431 on HTTP).")
+        for server in master.endpoints:
+            for reason, count in server.closed.items():
+                cut.add(count, endpoint=server.label, reason=reason)
         return [*families, cpu_family, restarts, reloads, handoffs, healthy, generation,
-                configured, started]
+                configured, started, cut]
 
     def _counter_families(self, counters: dict[int, list[int]]) -> list[Family]:
         position = {name: at for at, name in enumerate(COUNTERS)}
@@ -263,6 +295,12 @@ class MasterMetrics:
                          "Connections closed, by reason: " + ", ".join(CLOSE_REASONS) + ".")
         paused = _family("accept_pauses_total", "counter",
                          "Times a worker stopped accepting for a while, by cause.")
+        refused = _family("connections_refused_total", "counter",
+                          "Connections refused by admission control, by reason: "
+                          + ", ".join(REFUSE_REASONS) + ".")
+        dry_run = _family("connections_refused_dry_run_total", "counter",
+                          "Connections admission control would have refused, by reason "
+                          "(admission_dry_run: they were served).")
         for index in sorted(counters):
             values, worker = counters[index], str(index)
             for name, family in plain.items():
@@ -272,7 +310,11 @@ class MasterMetrics:
             for cause in ACCEPT_PAUSE_CAUSES:
                 paused.add(values[position[f"accept_pauses.{cause}"]], worker=worker,
                            cause=cause)
-        return [*plain.values(), closed, paused]
+            for reason in REFUSE_REASONS:
+                refused.add(values[position[f"refused.{reason}"]], worker=worker, reason=reason)
+                dry_run.add(values[position[f"would_refuse.{reason}"]], worker=worker,
+                            reason=reason)
+        return [*plain.values(), closed, paused, refused, dry_run]
 
     def _worker_gauges(self, master: Master) -> list[Family]:
         states = _family("workers", "gauge", "Worker processes by state.")

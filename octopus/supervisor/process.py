@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from octopus import config
-from octopus.supervisor.scoreboard import Scoreboard
+from octopus.coordination.admission import Table
+from octopus.coordination.scoreboard import Scoreboard
 
 WORKER_BOOT_ERROR = 3  # the worker could not set itself up (privileges, listeners)
 APP_LOAD_ERROR = 4  # the application could not be imported
@@ -35,6 +36,7 @@ class WorkerContext:
     report_fd: int
     namespace: str  # unique per master: names this server's broadcast links and origin
     listener_flags: list[frozenset[str]] = field(default_factory=list)  # "tls", "proxy"
+    admission: Table | None = None  # per-address counts, shared by every worker
 
     def report(self, line: str) -> None:
         """Tell the master ``ready`` or ``error <reason>`` (one line)."""

@@ -1,1 +1,1 @@
-"""Listening sockets and what lies under a connection: addresses, TLS, the PROXY protocol."""
+"""Between the socket and the connection: listeners, TLS (MemoryBIO), the PROXY protocol."""

@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from octopus.core.address import Address, parse_address
 from octopus.errors import BindError
-from octopus.transports.address import Address, parse_address
 
 # Errno policy for bind()/listen(): the errnos a user can cause, spelled the
 # way the one-line message says them. Any other errno is reported with its
@@ -57,7 +57,9 @@ class Listener:
 
     sock: socket.socket  # listening, non-blocking
     address: Address  # as requested
-    name: str  # as bound: "127.0.0.1:43123", "[::]:9876", "unix:/run/x.sock", "fd://3"
+    # As bound: "127.0.0.1:43123", "[::]:9876", "unix:/run/x.sock"; inherited:
+    # "fd://3 (127.0.0.1:9876)", or "NAME: fd://3 (...)" with LISTEN_FDNAMES.
+    name: str
     unlink_path: str | None = None  # a Unix socket file this process created
     # (st_dev, st_ino) of unlink_path right after bind, and the pid that bound
     # it: close() removes the file only if it is still that inode, and only in
@@ -226,7 +228,7 @@ def _bind_unix(address: Address, backlog: int, socket_mode: int) -> Listener:
     if abstract:
         # An abstract name has no inode: no file mode, no directory permission.
         log.warning("%s is an abstract socket: socket_mode does not apply, any local "
-                    "user can connect to it", label)
+                    "user can connect to it (unix_allow_uids limits who may)", label)
     # Absolute, so that close() still finds the file after a chdir.
     unlink_path = None if abstract else os.path.abspath(path)
     return Listener(sock, address, label, unlink_path, inode)
@@ -284,4 +286,8 @@ def from_fd(fd: int, name: str | None = None) -> Listener:
         sock.detach()
         raise BindError(f"cannot use {label}: socket is not listening")
     sock.setblocking(False)
-    return Listener(sock, Address("fd", fd=fd), name or label)
+    try:  # the address too: "fd://3" alone does not tell an operator where it listens
+        shown = f"{label} ({_sockname(sock)})"
+    except (OSError, UnicodeError):
+        shown = label
+    return Listener(sock, Address("fd", fd=fd), f"{name}: {shown}" if name else shown)

@@ -10,6 +10,11 @@ only then. A client that fails a stage, sends garbage or stalls is closed
 and counted (``worker.closes``), with one line in the debug log: the
 application never sees it.
 
+A PROXY v2 ``LOCAL`` header announces a connection the balancer opened
+itself, a health check: it completes the stages (a TLS check expects its
+handshake to succeed) and is then closed and counted as ``health_check``,
+without reaching the application's hooks.
+
 Bytes that arrived with the last stage (the client's first data right after
 its PROXY header or its TLS Finished) are delivered right after ``connect()``,
 since no further readiness event would announce them.
@@ -24,22 +29,46 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from octopus.core.framing import NEED_DATA, Framer
-from octopus.core.loop import EPOLLIN, EPOLLOUT, Timer
+from octopus.core.loop import EPOLLIN, EPOLLOUT, Loop, Timer
 from octopus.transports.proxy_protocol import ProxyHeaderError, ProxyHeaderParser
 from octopus.transports.tls import Handshake, TLSError, TLSInfo, TLSLayer, make_context
 
 if TYPE_CHECKING:
     from octopus.config import Settings
     from octopus.core.connection import SocketConnection
-    from octopus.core.worker import Worker
 
 log = logging.getLogger("octopus.worker")
 
 RECV_SIZE = 65536
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Gate(Protocol):
+    """Admission by client address (``octopus.coordination.admission.Admission``)."""
+
+    def admit_address(self, fd: int, address: object) -> str | None:
+        """Count ``fd`` for its client; the reason to refuse it instead."""
+
+    def release(self, fd: int) -> None:
+        """``fd`` closed: give its count back (nothing if it held none)."""
+
+
+class Opener(Protocol):
+    """What a preamble needs of its worker (``octopus.worker.Worker``)."""
+
+    loop: Loop
+    preambles: dict[int, Preamble]  # in progress, by fd
+    closes: dict[str, int]
+
+    def _open(self, fd: int, address: object, sock: socket.socket | None = None,
+              preamble: Preamble | None = None) -> SocketConnection | None:
+        """Hand the connection, its preamble done, to the application."""
+
+    def preamble_ended(self) -> None:
+        """A preamble failed or became a connection: its slot is free."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +80,9 @@ class ListenerPolicy:
     proxy_trusted: tuple[Network, ...]  # empty: any peer may send a header
     proxy_timeout: float
     handshake_timeout: float
+    # Per-address limits, checked once the client's address is known: at
+    # accept, or after the PROXY header on a proxy listener. None: no limit.
+    gate: Gate | None = None
 
     def trusts(self, peer: Any) -> bool:
         if not self.proxy_trusted:
@@ -66,7 +98,8 @@ class ListenerPolicy:
         return any(ip in network for network in self.proxy_trusted)
 
 
-def listener_policy(flags: frozenset[str], settings: Settings) -> ListenerPolicy:
+def listener_policy(flags: frozenset[str], settings: Settings,
+                    gate: Gate | None = None) -> ListenerPolicy:
     """The policy of a listener with ``flags``; the TLS context is loaded now
     (ConfigError with one line when the certificate files are wrong)."""
     return ListenerPolicy(
@@ -76,6 +109,7 @@ def listener_policy(flags: frozenset[str], settings: Settings) -> ListenerPolicy
                             for item in settings.proxy_trusted),
         proxy_timeout=settings.proxy_timeout,
         handshake_timeout=settings.tls_handshake_timeout,
+        gate=gate,
     )
 
 
@@ -93,13 +127,14 @@ class _Early:
 class Preamble:
     """One accepted socket on its way through the PROXY header and the TLS handshake."""
 
-    def __init__(self, worker: Worker, policy: ListenerPolicy, sock: socket.socket,
+    def __init__(self, worker: Opener, policy: ListenerPolicy, sock: socket.socket,
                  peer: Any) -> None:
         self.worker, self.policy, self.sock = worker, policy, sock
         self.fd = sock.fileno()
         self.peer = peer  # the socket's own peer: the client, or the balancer
         self.address = peer  # what the application will see
         self.proxied_by: Any = None
+        self.health_check = False  # a v2 LOCAL header: the balancer checking on us
         self.parser = ProxyHeaderParser() if policy.proxy else None
         self.handshake: Handshake | None = None
         self.early = b""  # the client's first bytes, read with the last stage
@@ -109,6 +144,8 @@ class Preamble:
     def begin(self) -> None:
         if self.parser is not None and not self.policy.trusts(self.peer):
             self._fail("proxy_header", "PROXY header from an untrusted peer")
+            return
+        if self.parser is None and not self._admitted():
             return
         self.worker.preambles[self.fd] = self
         self.worker.loop.register(self.fd, EPOLLIN, self._on_events)
@@ -152,9 +189,13 @@ class Preamble:
             return
         if info is NEED_DATA:
             return
-        if not info.local and info.source is not None:
+        if info.balancer_own:
+            self.health_check = True
+        elif info.source is not None:
             self.address, self.proxied_by = info.source, self.peer
         rest, self.parser = self.parser.remainder, None
+        if not self._admitted():
+            return
         if self.policy.tls is None:
             self.early = rest
             self._finish()
@@ -199,10 +240,23 @@ class Preamble:
     def _describe(self) -> str:
         return f"connection from {self.peer!r}"
 
+    def _admitted(self) -> bool:
+        """Whether the client's address may connect; a refused socket is closed
+        (counted by the gate, not as a close: it never was a connection)."""
+        gate = self.policy.gate
+        if gate is None or gate.admit_address(self.fd, self.address) is None:
+            return True
+        self._release()
+        self.sock.close()
+        self.worker.preamble_ended()
+        return False
+
     def _fail(self, reason: str, why: str) -> None:
         log.debug("closing %s: %s", self._describe(), why)
         self.worker.closes[reason] += 1
         self._release()
+        if self.policy.gate is not None:
+            self.policy.gate.release(self.fd)
         self.sock.close()
         self.worker.preamble_ended()
 
@@ -217,6 +271,9 @@ class Preamble:
             self.worker.loop.unregister(self.fd)
 
     def _finish(self) -> None:
+        if self.health_check:
+            self._fail("health_check", "a PROXY LOCAL connection (a health check)")
+            return
         self._release()
         conn = self.worker._open(self.fd, self.address, self.sock, self)
         self.worker.preamble_ended()

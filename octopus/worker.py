@@ -18,7 +18,7 @@ Accepting:
   worker) instead of the loop spinning on a level-triggered listener it
   cannot serve. It registers them again when a connection closes, and after
   ``RESOURCE_RETRY`` seconds in case descriptors were freed elsewhere.
-- Fair share (``balancer``, given by the master; see ``octopus.supervisor.balance``): a
+- Fair share (``balancer``, given by the master; see ``octopus.coordination.balance``): a
   worker holding more than its share unregisters its listeners and nudges the
   least-loaded peer, which accepts at once what waits in the backlog
   (EPOLLEXCLUSIVE may have woken no one else for it). A nudged worker below
@@ -35,11 +35,13 @@ import logging
 import os
 import resource
 import socket
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from octopus.config import Settings
+from octopus.coordination.admission import Admission
 from octopus.core.connection import SocketConnection
 from octopus.core.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS
 from octopus.core.fdio import acceptor
@@ -47,10 +49,11 @@ from octopus.core.framing import FRAMINGS
 from octopus.core.loop import EPOLLEXCLUSIVE, EPOLLIN, Loop, Timer
 from octopus.core.threads import ThreadPool
 from octopus.errors import ConfigError
+from octopus.logs import RateLimited
 from octopus.transports.preamble import ListenerPolicy, Preamble, listener_policy
 
 if TYPE_CHECKING:
-    from octopus.supervisor.balance import Balancer
+    from octopus.coordination.balance import Balancer
 
 log = logging.getLogger("octopus.worker")
 app_log = logging.getLogger("octopus.app")
@@ -72,23 +75,20 @@ _SKIP_ACCEPT_ERRNOS = frozenset({
 # descriptor (non-blocking already) with its peer's address.
 _Accepting = tuple[Callable[[], tuple[int, Any]], Callable[[int, Any], object]]
 
+_CREDENTIALS = struct.Struct("3i")  # struct ucred
+
 # accept() errors that mean this process is out of a resource: pause accepting.
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class _Throttle:
-    """At most one log line per ``interval`` seconds; the line counts what it covers."""
-
-    def __init__(self, interval: float = 1.0) -> None:
-        self.interval, self.last, self.count = interval, -interval, 0
-
-    def allow(self, now: float, count: int) -> int | None:
-        """Add ``count`` events; their total since the last line if one may be logged now."""
-        self.count += count
-        if now - self.last < self.interval:
-            return None
-        self.last, total, self.count = now, self.count, 0
-        return total
+def peer_credentials(fd: int, kind: int) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of Unix socket ``fd``."""
+    sock = socket.socket(socket.AF_UNIX, kind, 0, fd)
+    try:
+        return _CREDENTIALS.unpack(sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+    finally:
+        sock.detach()
 
 
 def preamble_limit(max_connections: int) -> int:
@@ -112,6 +112,7 @@ class Worker:
         exclusive: bool = False,
         listener_flags: Sequence[frozenset[str]] = (),
         loop: Loop | None = None,
+        admission: Admission | None = None,
     ) -> None:
         # Checked now: an unknown framing would otherwise fail every accept.
         framing = connection_class.framing or settings.framing
@@ -124,6 +125,7 @@ class Worker:
         # flagged ones through a Preamble (which loads the TLS certificate now,
         # so a ConfigError comes before anything is created).
         self._accepting: dict[socket.socket, _Accepting] = {}
+        self.admission = admission = admission or Admission(None)
         flags_of = dict(zip(self.listeners, listener_flags, strict=False))
         for listener in self.listeners:
             # Read once: the socket module's properties build enums at every access.
@@ -134,10 +136,19 @@ class Worker:
                 # set once here, not once per connection.
                 listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             flags = flags_of.get(listener)
-            self._accepting[listener] = (acceptor(listener), (
-                functools.partial(self._open_preamble, listener_policy(flags, settings),
-                                  family, kind)
-                if flags else self._open))
+            by_address = admission.by_address and family != socket.AF_UNIX
+            opener: Callable[[int, Any], object] = (
+                functools.partial(self._open_preamble, listener_policy(
+                    flags, settings, admission if by_address else None), family, kind)
+                if flags else self._open)
+            # Admission at accept, before anything else is done for the client
+            # (flagged listeners check addresses in the preamble: a PROXY
+            # header names the client).
+            if family == socket.AF_UNIX and admission.by_peer:
+                opener = functools.partial(self._admit_peer, opener, kind)
+            elif by_address and not flags:
+                opener = functools.partial(self._admit_address, opener)
+            self._accepting[listener] = (acceptor(listener), opener)
         self.loop = loop or Loop()
         self.connection_class = connection_class
         self.framing = settings.framing
@@ -148,6 +159,7 @@ class Worker:
         # steps: at most an eighth and 4 KiB more than their buffers hold).
         self.pending_output = 0
         self.idle_timeout = settings.idle_timeout
+        self.linger_timeout = settings.linger_timeout
         self.max_connections = settings.max_connections
         self.graceful_timeout = settings.graceful_timeout
         self._listen_events = EPOLLIN | (EPOLLEXCLUSIVE if exclusive else 0)
@@ -174,12 +186,13 @@ class Worker:
         self.broadcasts_delivered = 0
         self.broadcasts_dropped = 0
         self.redis_gap = 0
+        self.redis_malformed = 0
         self.closes = dict.fromkeys(CLOSE_REASONS, 0)  # why connections ended
         self.accept_pauses = dict.fromkeys(ACCEPT_PAUSE_CAUSES, 0)
         self.slow_consumers = 0
         self.worker_buffer_cuts = 0  # connections cut for max_worker_buffer
         self._shedding = False
-        self._shed_log = _Throttle()
+        self._shed_log = RateLimited(log)
         self.accepting = False
         self._resume_timer: Timer | None = None
         self._short_of_resources = False
@@ -316,6 +329,7 @@ class Worker:
         except Exception:
             app_log.error("Error in %s() constructor", self.connection_class.__qualname__,
                           exc_info=True)
+            self.admission.release(fd)
             if sock is None:
                 os.close(fd)
             else:
@@ -345,7 +359,23 @@ class Worker:
         if not (self.accepting or self.finished):
             self._maybe_resume()
 
+    def _admit_address(self, opener: Callable[[int, Any], object], fd: int,
+                       address: Any) -> None:
+        if self.admission.admit_address(fd, address) is None:
+            opener(fd, address)
+        else:
+            os.close(fd)
+
+    def _admit_peer(self, opener: Callable[[int, Any], object], kind: int, fd: int,
+                    address: Any) -> None:
+        if self.admission.admit_peer(peer_credentials(fd, kind)) is None:
+            opener(fd, address)
+        else:
+            os.close(fd)
+
     def connection_closed(self, conn: SocketConnection) -> None:
+        if self.admission.held:
+            self.admission.release(conn._fd)
         self.connections.pop(conn._fd, None)
         if self.outbound:
             self.outbound.discard(conn._fd)
@@ -390,12 +420,9 @@ class Worker:
         finally:
             self._shedding = False
         self.worker_buffer_cuts += cut
-        suppressed = self._shed_log.allow(self.loop.time, cut)
-        if suppressed is not None:
-            log.warning("output pending in this worker passed max_worker_buffer (%d bytes): "
-                        "%d slow consumer(s) disconnected since the last such line, the "
-                        "largest now with %d bytes pending",
-                        self.max_worker_buffer, suppressed, largest)
+        self._shed_log.warning("output pending in this worker passed max_worker_buffer (%d "
+                               "bytes): %d slow consumer(s) disconnected, the largest with %d "
+                               "bytes pending", self.max_worker_buffer, cut, largest)
 
     def stop(self, graceful: bool = True) -> None:
         """Stop accepting and end every connection; ``run()`` then returns.
@@ -433,6 +460,22 @@ class Worker:
                 pass
         self._stopping = True
         self._stop_when_drained()
+
+    def close_listeners(self) -> None:
+        """Retire, and close this process's descriptors of the listening sockets.
+
+        A port stays bound while any process holds a descriptor of its
+        listening socket: once every holder has closed its own, a new server
+        can bind the address again. This worker serves on what it has.
+        """
+        if self._stopping:  # retiring or stopping already: the backlog was taken
+            self.pause_accepting()
+        else:
+            self.retire()
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []  # nothing may accept on a closed descriptor again
+        self._accepting.clear()
 
     def _stop_when_drained(self) -> None:
         if not self.connections:

@@ -31,18 +31,28 @@ fairness, never a stranded client.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from octopus.coordination.scoreboard import Scoreboard
 from octopus.core.loop import EPOLLIN
-from octopus.supervisor.scoreboard import Scoreboard
 
 if TYPE_CHECKING:
-    from octopus.core.worker import Worker
+    from octopus.core.loop import Loop
 
 
 def _name(namespace: str, slot: int) -> str:
     # Slots are unique among live workers; the name is gone with the process.
     return f"\0octopus-accept/{namespace}/{slot}"
+
+
+class Accepting(Protocol):
+    """What fair share needs of its worker (``octopus.worker.Worker``, a layer above)."""
+
+    loop: Loop
+    balancer: Balancer | None
+
+    def accept_pending(self) -> None:
+        """Accept what waits in the backlog now, whatever the share."""
 
 
 class Balancer:
@@ -54,9 +64,9 @@ class Balancer:
         self._least_loaded = -1  # a peer's slot, from the last look at the scoreboard
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         self.sock.bind(_name(namespace, slot))
-        self._worker: Worker | None = None
+        self._worker: Accepting | None = None
 
-    def attach(self, worker: Worker) -> None:
+    def attach(self, worker: Accepting) -> None:
         """Accept on nudges from peers, and give ``worker`` its fair share."""
         self._worker = worker
         worker.balancer = self

@@ -1,4 +1,4 @@
-"""The retiring worker's side of hand-off (see ``octopus.core.handoff``).
+"""The retiring worker's side of hand-off (see ``octopus.handoff.handoff``).
 
 It deals its connections out to the targets in turn, then per
 target keeps up to ``WINDOW`` OFFERs of up to ``BATCH`` connections
@@ -35,16 +35,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from octopus.coordination.scoreboard import READY
 from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
 from octopus.core.framing import LengthFramer, LineFramer
-from octopus.core.handoff_link import VERSION, Link, link_name, peer_credentials
 from octopus.core.loop import EPOLLIN, EPOLLOUT, Timer
-from octopus.supervisor.scoreboard import READY
+from octopus.handoff.link import VERSION, Link, link_name, peer_credentials
 
 if TYPE_CHECKING:
     from octopus.broadcast.ledger import Key
-    from octopus.core.handoff import Handoff
-    from octopus.supervisor.scoreboard import SlotView
+    from octopus.coordination.scoreboard import SlotView
+    from octopus.handoff.handoff import Handoff
 
 log = logging.getLogger("octopus.worker")
 app_log = logging.getLogger("octopus.app")
@@ -337,6 +337,7 @@ class Evacuation:
         conn._state = CLOSED
         conn._corked = False
         output = conn._drop_output()
+        self.worker.admission.release(conn._fd)  # counted again where it arrives
         conn._close_socket()
         # It stays in worker.connections (CLOSED: send() does nothing) until the
         # COMMIT is written: the worker exits once that table is empty.

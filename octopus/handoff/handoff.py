@@ -13,7 +13,7 @@ that the scoreboard lists as this master's workers may connect
 (``SO_PEERCRED``): the messages carry pickles.
 
 The move, per connection, in two phases (the old worker's side, in batches,
-is ``octopus.core.evacuation``; this module is the new worker's)::
+is ``octopus.handoff.evacuation``; this module is the new worker's)::
 
     old worker                                   new worker
     stop reading it (no registration but HUP/
@@ -64,15 +64,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
-from octopus.core.evacuation import ANSWER_TIMEOUT, Evacuation
-from octopus.core.handoff_link import VERSION, Link, link_name, peer_credentials
 from octopus.core.loop import EPOLLIN, EPOLLOUT, accept_waiting
+from octopus.handoff.evacuation import ANSWER_TIMEOUT, Evacuation
+from octopus.handoff.link import VERSION, Link, link_name, peer_credentials
 
 if TYPE_CHECKING:
     from octopus.broadcast.ledger import Watermarks
     from octopus.broadcast.local import LocalMesh
-    from octopus.core.worker import Worker
-    from octopus.supervisor.scoreboard import Scoreboard
+    from octopus.coordination.scoreboard import Scoreboard
+    from octopus.handoff.host import HandoffHost
 
 log = logging.getLogger("octopus.worker")
 app_log = logging.getLogger("octopus.app")
@@ -89,7 +89,7 @@ class Handoff:
     """A worker's side of hand-off: it takes connections from retiring peers,
     and ``evacuate()`` gives its own away when it retires."""
 
-    def __init__(self, worker: Worker, board: Scoreboard, slot: int, namespace: str,
+    def __init__(self, worker: HandoffHost, board: Scoreboard, slot: int, namespace: str,
                  mesh: LocalMesh | None, report: Callable[[str], None]) -> None:
         self.worker, self.loop, self.board, self.slot = worker, worker.loop, board, slot
         self.namespace, self.mesh, self.report = namespace, mesh, report
@@ -341,6 +341,7 @@ class _Taker:
         loop.register(fd, events,
                       conn._on_events if events & EPOLLIN else conn._on_paused_events)
         worker.connections[fd] = conn
+        worker.admission.carry(fd, conn.address)
         if worker.idle_timeout > 0:
             conn._last_input = loop.time - idle_for
             conn._idle_timer = loop.call_later(max(0.0, worker.idle_timeout - idle_for),

@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""Try attacks on a running octopus server and report what it did.
+
+Point it at your own server; the suite does not run it. Each subcommand runs
+one attack and prints one JSON object: what it did and what it saw.
+
+    python3 bench/attack.py health-slowloris --metrics 127.0.0.1:9100
+    python3 bench/attack.py big-head --metrics 127.0.0.1:9100
+    python3 bench/attack.py status-rush --pidfile octopusd.pid
+    python3 bench/attack.py redis-malformed --redis redis://127.0.0.1:6379/0 \\
+        --sender 127.0.0.1:9876 --receiver 127.0.0.1:9877
+
+Judge the outcome with the server's log and /metrics
+(``octopus_endpoint_clients_cut_total``,
+``octopus_broadcast_redis_malformed_total``). Only the standard library is
+used (``status-rush`` runs ``octopusd``), so any python3 on the host will do.
+
+Sections (one function per attack, ``attack_<name>``; add yours the same way
+and register it in ``ATTACKS``):
+
+- the master's endpoints: ``health-slowloris``, ``big-head``, ``status-rush``;
+- the Redis channel: ``redis-malformed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+# -- helpers ------------------------------------------------------------------
+
+
+def address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def http_get(target: tuple[str, int], path: str, timeout: float) -> tuple[int, float]:
+    """(status, seconds) of one GET; status 0 when it failed."""
+    started = time.monotonic()
+    try:
+        with socket.create_connection(target, timeout=timeout) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: attack\r\n\r\n".encode())
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+    except (OSError, ValueError):
+        status = 0
+    return status, time.monotonic() - started
+
+
+class Slowloris:
+    """``count`` sockets, each sending one byte of a head that never ends every
+    ``interval`` seconds; one that the server closes is opened again at once."""
+
+    def __init__(self, target: tuple[str, int], count: int, interval: float) -> None:
+        self.target, self.count, self.interval = target, count, interval
+        self.reopened = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _open(self) -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(self.target)
+        return sock
+
+    def _run(self) -> None:
+        socks = [self._open() for _ in range(self.count)]
+        while not self.stopping.wait(self.interval):
+            for i, sock in enumerate(socks):
+                try:
+                    closed = sock.recv(4096) == b""
+                except BlockingIOError:
+                    closed = False
+                except OSError as exc:
+                    closed = exc.errno != errno.ENOTCONN  # not connected yet: wait
+                if not closed:
+                    with contextlib.suppress(OSError):
+                        sock.send(b"G")
+                    continue
+                sock.close()
+                socks[i] = self._open()
+                self.reopened += 1
+        for sock in socks:
+            sock.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+
+
+def latency_summary(times: list[float]) -> dict[str, float]:
+    return {"max_s": round(max(times), 3), "median_s": round(statistics.median(times), 3)}
+
+
+# -- the master's endpoints ----------------------------------------------------
+
+
+def attack_health_slowloris(args: argparse.Namespace) -> dict[str, Any]:
+    """Hold --sockets slowloris clients on metrics_bind; probe /health meanwhile."""
+    target = address(args.metrics)
+    attack = Slowloris(target, args.sockets, args.interval)
+    time.sleep(args.warmup)
+    statuses: dict[str, int] = {}
+    times = []
+    try:
+        end = time.monotonic() + args.duration
+        while time.monotonic() < end:
+            status, seconds = http_get(target, "/health", args.timeout)
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+            times.append(seconds)
+            time.sleep(0.2)
+    finally:
+        attack.stop()
+    return {"sockets": args.sockets, "probes": len(times), "statuses": statuses,
+            "over_1s": sum(t > 1.0 for t in times), "reopened": attack.reopened,
+            **latency_summary(times)}
+
+
+def attack_big_head(args: argparse.Namespace) -> dict[str, Any]:
+    """Send a request head of --size bytes; a bounded server answers 431, not RST."""
+    try:
+        with socket.create_connection(address(args.metrics), timeout=10) as sock:
+            sock.sendall(b"GET /" + b"a" * args.size)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        outcome = reply.split(b"\r\n", 1)[0].decode(errors="replace") or "closed, no answer"
+    except OSError as exc:
+        outcome = f"{type(exc).__name__}: {exc.strerror or exc}"
+    return {"size": args.size, "outcome": outcome}
+
+
+def attack_status_rush(args: argparse.Namespace) -> dict[str, Any]:
+    """Run --count `octopusd status` at once."""
+    command = [args.octopusd, "status", "--json", "--pidfile", args.pidfile]
+    calls = [subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(args.count)]
+    errors: dict[str, int] = {}
+    for call in calls:
+        _, err = call.communicate()
+        if call.returncode:
+            line = err.strip().splitlines()[-1] if err.strip() else f"exit {call.returncode}"
+            errors[line] = errors.get(line, 0) + 1
+    return {"calls": args.count, "failed": sum(errors.values()), "errors": errors}
+
+
+# -- the Redis channel ----------------------------------------------------------
+
+
+def redis_connect(url: str) -> socket.socket:
+    parts = urlparse(url)
+    sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 5)
+    if parts.password:
+        login = [unquote(parts.username), unquote(parts.password)] if parts.username else [
+            unquote(parts.password)]
+        sock.sendall(command("AUTH", *login))
+        if not sock.recv(256).startswith(b"+OK"):
+            raise SystemExit("attack: Redis refused the password")
+    return sock
+
+
+def command(*args: str | bytes) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        out += [b"$%d\r\n" % len(data), data, b"\r\n"]
+    return b"".join(out)
+
+
+def line_client(text: str) -> socket.socket:
+    sock = socket.create_connection(address(text), timeout=10)
+    sock.setblocking(False)
+    return sock
+
+
+def attack_redis_malformed(args: argparse.Namespace) -> dict[str, Any]:
+    """PUBLISH --rate messages a second without an origin on the channel (as
+    `redis-cli publish octopus x`); with --sender and --receiver (two servers of a
+    line-framed app that broadcasts each line), count what crosses meanwhile."""
+    pub = redis_connect(args.redis)
+    sender = line_client(args.sender) if args.sender else None
+    receiver = line_client(args.receiver) if args.receiver else None
+    time.sleep(0.2)  # the receiving server has subscribed its connection's worker
+    sent = published = 0
+    received = bytearray()
+    end = time.monotonic() + args.duration
+    next_bad = next_good = time.monotonic()
+    while time.monotonic() < end:
+        now = time.monotonic()
+        if now >= next_bad:
+            pub.sendall(command("PUBLISH", args.channel, args.payload))
+            pub.recv(64)
+            published += 1
+            next_bad += 1.0 / args.rate
+        if sender is not None and now >= next_good and sent < args.messages:
+            sender.sendall(b"attack:%d\n" % sent)
+            sent += 1
+            next_good += args.duration / args.messages
+        if receiver is not None:
+            with contextlib.suppress(BlockingIOError):
+                received += receiver.recv(1 << 20)
+        time.sleep(0.001)
+    time.sleep(1.0)  # the last messages in flight
+    if receiver is not None:
+        with contextlib.suppress(BlockingIOError):
+            received += receiver.recv(1 << 20)
+    got = {line for line in bytes(received).split(b"\n") if line.startswith(b"attack:")}
+    for sock in (pub, sender, receiver):
+        if sock is not None:
+            sock.close()
+    result: dict[str, Any] = {"published_malformed": published}
+    if sender is not None:
+        result["broadcasts_sent"] = sent
+    if receiver is not None:
+        result["broadcasts_received_across"] = len(got)
+    return result
+
+
+# -- command line ---------------------------------------------------------------
+
+Option = tuple[str, Callable[[str], Any], Any, str]
+ATTACKS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], list[Option]]] = {
+    "health-slowloris": (attack_health_slowloris, [
+        ("--metrics", str, None, "metrics_bind address HOST:PORT"),
+        ("--sockets", int, 300, "slowloris sockets"),
+        ("--interval", float, 0.2, "seconds between two bytes of one socket"),
+        ("--warmup", float, 2.0, "seconds of attack before the first probe"),
+        ("--duration", float, 10.0, "seconds of probing"),
+        ("--timeout", float, 5.0, "seconds a probe may take")]),
+    "big-head": (attack_big_head, [
+        ("--metrics", str, None, "metrics_bind address HOST:PORT"),
+        ("--size", int, 1024 * 1024, "bytes of request head")]),
+    "status-rush": (attack_status_rush, [
+        ("--pidfile", str, None, "the server's pidfile"),
+        ("--count", int, 48, "status calls at once"),
+        ("--octopusd", str, "octopusd", "the octopusd command")]),
+    "redis-malformed": (attack_redis_malformed, [
+        ("--redis", str, None, "the Redis URL the servers share"),
+        ("--channel", str, "octopus", "broadcast_channel"),
+        ("--payload", str, "x", "what to publish (no NUL: no origin)"),
+        ("--rate", float, 20.0, "malformed messages a second"),
+        ("--duration", float, 10.0, "seconds"),
+        ("--sender", str, None, "HOST:PORT of one server (a broadcasting line app)"),
+        ("--receiver", str, None, "HOST:PORT of another server"),
+        ("--messages", int, 1000, "broadcasts to send through --sender")]),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    commands = parser.add_subparsers(dest="attack", required=True)
+    for name, (function, options) in ATTACKS.items():
+        sub = commands.add_parser(name, help=(function.__doc__ or "").split("\n")[0])
+        for flag, kind, default, text in options:
+            sub.add_argument(flag, type=kind, default=default, required=default is None,
+                             help=text if default is None else f"{text} [{default}]")
+    args = parser.parse_args(argv)
+    function = ATTACKS[args.attack][0]
+    result = {"attack": args.attack, "uid": os.geteuid(), **function(args)}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
