@@ -48,7 +48,9 @@ def _maybe_int(value: object) -> int | None:
 # Upper bounds. Every number a user gives has one, so that a typo is one line
 # at start (or a failed reload), never an OverflowError deep in a system call.
 MAX_BACKLOG = 65535  # listen() takes an int; the kernel caps it at net.core.somaxconn
-MAX_WORKERS = 128  # half the scoreboard's slots: a reload runs two generations at once
+# One per CPU of the largest hosts, and more; the scoreboard is sized from
+# ``workers`` (coordination.scoreboard.capacity_for), so any of these reloads.
+MAX_WORKERS = 1024
 MAX_SECONDS = 31_536_000.0  # a year: any longer timeout is a typo
 GiB = 2**30
 
@@ -374,7 +376,7 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("max_write_buffer", _positive_int(64 * GiB), 33554432,
                 "Bytes pending for one connection before it is disconnected as a slow "
                 "consumer.", "BYTES"),
-        Setting("max_worker_buffer", _positive_int(1024 * GiB), 1073741824,
+        Setting("max_worker_buffer", _positive_int(256 * GiB), 1073741824,
                 "Bytes pending in one worker, all its connections together; past it the "
                 "connections with the most pending output are disconnected first, as slow "
                 "consumers.", "BYTES"),
