@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Try attacks on a running octopus server and report what it did.
 
-Point it at your own server; the suite does not run it. Each subcommand runs
-one attack and prints one JSON object: what it did and what it saw.
+Point it at your own server; the suite runs some of these (as a second local
+user) but a user can aim any at their own server. Each subcommand runs one
+attack and prints one JSON object: what it did and what it saw.
 
+    sudo setpriv --reuid=nobody --regid=nogroup --clear-groups \\
+        python3 bench/attack.py mesh-forge --pid $(cat octopusd.pid)
     python3 bench/attack.py health-slowloris --metrics 127.0.0.1:9100
     python3 bench/attack.py big-head --metrics 127.0.0.1:9100
     python3 bench/attack.py status-rush --pidfile octopusd.pid
@@ -13,13 +16,18 @@ one attack and prints one JSON object: what it did and what it saw.
     python3 bench/attack.py pin-output --target 127.0.0.1:9876 --master-pid 1234
 
 Judge the outcome with the server's log and /metrics
-(``octopus_endpoint_clients_cut_total``,
-``octopus_broadcast_redis_malformed_total``). Only the standard library is
-used (``status-rush`` runs ``octopusd``), so any python3 on the host will do.
+(``octopus_internal_refused_total``, ``octopus_broadcasts_dropped_total``,
+``octopus_endpoint_clients_cut_total``, ``octopus_broadcast_redis_malformed_total``).
+Only the standard library is used (``status-rush`` runs ``octopusd``), so any
+python3 on the host will do.
 
 Sections (one function per attack, ``attack_<name>``; add yours the same way
 and register it in ``ATTACKS``):
 
+- internal sockets (the broadcast mesh, hand-off links, accept nudges), run as
+  another local user, aimed with ``--pid`` or ``--namespace``: ``names``,
+  ``mesh-forge``, ``mesh-bigframe``, ``mesh-idle``, ``squat``, ``nudge-flood``,
+  ``handoff-flood``;
 - the master's endpoints: ``health-slowloris``, ``big-head``, ``status-rush``;
 - the Redis channel: ``redis-malformed``;
 - what a client can make a worker hold: ``silent-handshakes`` (TLS or PROXY
@@ -36,8 +44,12 @@ import contextlib
 import errno
 import json
 import os
+import re
+import select
+import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -45,6 +57,288 @@ import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlparse
+
+HELLO = struct.Struct(">iiQ")  # the mesh hello: slot, pid, last number
+HEADER = struct.Struct(">IQ")  # a mesh frame: body length, number
+_NAME = re.compile(r"^@octopus-(\w+)/([^/\s]+)/(\S+)$")
+
+
+# -- finding the target ------------------------------------------------------
+
+
+def internal_names(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The server's abstract socket names by kind, as /proc/net/unix shows any user."""
+    found: dict[str, list[str]] = {}
+    with open("/proc/net/unix") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if len(fields) < 8:
+                continue
+            match = _NAME.match(fields[7])
+            if match and _ours(args, match.group(2)):
+                name = "\0" + fields[7][1:]
+                if name not in found.setdefault(match.group(1), []):
+                    found[match.group(1)].append(name)
+    return found
+
+
+def _ours(args: argparse.Namespace, namespace: str) -> bool:
+    if args.namespace:
+        return namespace == args.namespace
+    return namespace.startswith(f"{args.pid}-")
+
+
+def namespace_of(args: argparse.Namespace) -> str:
+    if args.namespace:
+        return str(args.namespace)
+    for names in internal_names(args).values():
+        match = _NAME.match("@" + names[0][1:])
+        if match:
+            return match.group(2)
+    raise SystemExit(f"attack: no octopus socket names for master pid {args.pid}")
+
+
+def workers(master: int | None) -> list[int]:
+    """The master's child processes (its workers)."""
+    if master is None:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == master:
+                found.append(int(entry))
+    return sorted(found)
+
+
+def rss_kib(pids: list[int]) -> dict[int, int]:
+    """VmRSS of each pid (readable by any user), in KiB."""
+    sizes = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        sizes[pid] = int(line.split()[1])
+        except OSError:
+            pass
+    return sizes
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """Whether the server closed ``sock`` within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        readable, _, _ = select.select([sock], [], [], remaining)
+        if not readable:
+            return False
+        try:
+            if not sock.recv(65536):
+                return True
+        except OSError:
+            return True
+
+
+def _connect(name: str, kind: int = socket.SOCK_STREAM,
+             timeout: float = 2.0) -> socket.socket | None:
+    """Connected to ``name``, or None. A full backlog (EAGAIN on a non-blocking
+    AF_UNIX connect) is tried again until ``timeout``."""
+    sock = socket.socket(socket.AF_UNIX, kind)
+    sock.setblocking(False)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(name)
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.001)
+                continue
+            sock.close()
+            return None
+        except OSError:
+            sock.close()
+            return None
+        sock.settimeout(2.0)
+        return sock
+
+
+# -- attacks on the internal sockets -----------------------------------------
+
+
+def attack_names(args: argparse.Namespace) -> dict[str, Any]:
+    """List the server's internal socket names that any user can see."""
+    return {kind: [name[1:] for name in names] for kind, names in internal_names(args).items()}
+
+
+def attack_mesh_forge(args: argparse.Namespace) -> dict[str, Any]:
+    """Join the broadcast mesh with a forged hello and broadcast one line."""
+    text = args.text.encode() + b"\n"
+    result = {"links": 0, "connected": 0, "sent": 0, "closed_by_server": 0}
+    for name in internal_names(args).get("broadcast", []):
+        result["links"] += 1
+        sock = _connect(name)
+        if sock is None:
+            continue
+        result["connected"] += 1
+        try:
+            sock.sendall(HELLO.pack(0, os.getpid(), 0) + HEADER.pack(len(text), 1) + text)
+            result["sent"] += 1
+        except OSError:
+            pass
+        result["closed_by_server"] += closed_by_peer(sock, args.wait)
+        sock.close()
+    return result
+
+
+def attack_mesh_bigframe(args: argparse.Namespace) -> dict[str, Any]:
+    """Declare a 0xFFFFFFFF-byte frame on each mesh link and stream into it."""
+    pids = workers(args.pid)
+    before = rss_kib(pids)
+    chunk = bytes(65536)
+    sent = []
+    for name in internal_names(args).get("broadcast", []):
+        sock = _connect(name)
+        if sock is None:
+            continue
+        total = 0
+        try:
+            sock.sendall(HELLO.pack(0, os.getpid(), 0) + HEADER.pack(0xFFFFFFFF, 1))
+            while total < args.mib << 20:
+                sock.sendall(chunk)
+                total += len(chunk)
+        except OSError:
+            pass
+        sent.append(total)
+        sock.close()
+    time.sleep(0.2)  # let the workers take what was sent before the close
+    after = rss_kib(pids)
+    return {"links": len(sent), "sent_bytes": sent, "rss_kib_before": before,
+            "rss_kib_after": after,
+            "growth_kib": {pid: after.get(pid, 0) - size for pid, size in before.items()}}
+
+
+def attack_mesh_idle(args: argparse.Namespace) -> dict[str, Any]:
+    """Open many mesh connections, say nothing, and see how long they are held."""
+    names = internal_names(args).get("broadcast", [])
+    if not names:
+        return {"opened": 0}
+    socks = []
+    for index in range(args.count):
+        sock = _connect(names[index % len(names)])
+        if sock is not None:
+            sock.setblocking(False)
+            socks.append(sock)
+    started = time.monotonic()
+    open_ = {sock.fileno(): sock for sock in socks}
+    deadline = started + args.hold
+    while open_ and time.monotonic() < deadline:
+        poller = select.poll()
+        for fd in open_:
+            poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(100):
+            sock = open_[fd]
+            try:
+                gone = not sock.recv(4096)
+            except BlockingIOError:
+                gone = False
+            except OSError:
+                gone = True
+            if gone:
+                del open_[fd]
+                sock.close()
+    held = len(open_)
+    for sock in open_.values():
+        sock.close()
+    return {"opened": len(socks), "closed_by_server": len(socks) - held, "still_open": held,
+            "seconds": round(time.monotonic() - started, 2)}
+
+
+def attack_squat(args: argparse.Namespace) -> dict[str, Any]:
+    """Bind the names the server's next workers would take, as far as they can be
+    predicted (slot numbers, the next pids), and hold them until SIGTERM or --hold."""
+    namespace = namespace_of(args)
+    with open("/proc/sys/kernel/ns_last_pid") as last:
+        next_pid = int(last.read()) + 1
+    names = [f"\0octopus-accept/{namespace}/{slot}" for slot in range(args.slots)]
+    for slot in range(args.slots):
+        for pid in range(next_pid, next_pid + args.pids):
+            names += [f"\0octopus-broadcast/{namespace}/{slot}/{pid}",
+                      f"\0octopus-handoff/{namespace}/{slot}/{pid}"]
+    held = []
+    for name in names:
+        kind = socket.SOCK_DGRAM if "accept" in name else socket.SOCK_STREAM
+        try:
+            sock = socket.socket(socket.AF_UNIX, kind)
+        except OSError:  # out of descriptors: hold what we have
+            break
+        try:
+            sock.bind(name)
+        except OSError:
+            sock.close()
+            continue
+        if kind == socket.SOCK_STREAM:
+            sock.listen(1)
+        held.append(sock)
+    print(json.dumps({"squatting": len(held), "tried": len(names)}), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.sigtimedwait([signal.SIGTERM], args.hold)
+    for sock in held:
+        sock.close()
+    return {"held": len(held), "tried": len(names)}
+
+
+def attack_nudge_flood(args: argparse.Namespace) -> dict[str, Any]:
+    """Send empty datagrams to the accept-nudge sockets, if there are any, and
+    the nudge signal (SIGURG) to each worker."""
+    signalled = refused = 0
+    for pid in workers(args.pid):
+        try:
+            os.kill(pid, signal.SIGURG)
+            signalled += 1
+        except PermissionError:
+            refused += 1
+        except OSError:
+            pass
+    names = internal_names(args).get("accept", [])
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sent = failed = 0
+    started = time.monotonic()
+    for index in range(args.count):
+        if not names:
+            break
+        try:
+            sock.sendto(b"", names[index % len(names)])
+            sent += 1
+        except OSError:
+            failed += 1
+    sock.close()
+    return {"names": len(names), "sent": sent, "refused_by_kernel": failed,
+            "seconds": round(time.monotonic() - started, 2),
+            "signals_sent": signalled, "signals_refused": refused}
+
+
+def attack_handoff_flood(args: argparse.Namespace) -> dict[str, Any]:
+    """Connect to the hand-off listeners many times (each refusal may cost a log line)."""
+    names = internal_names(args).get("handoff", [])
+    connected = 0
+    for index in range(args.count):
+        if not names:
+            break
+        sock = _connect(names[index % len(names)], socket.SOCK_SEQPACKET)
+        if sock is not None:
+            connected += 1
+            sock.close()
+    return {"names": len(names), "connected": connected}
+
 
 # -- helpers ------------------------------------------------------------------
 
@@ -335,8 +629,30 @@ def attack_pin_output(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- command line ---------------------------------------------------------------
 
-Option = tuple[str, Callable[[str], Any], Any, str]
-ATTACKS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], list[Option]]] = {
+Attack = Callable[[argparse.Namespace], dict[str, Any]]
+Option = tuple[str, Callable[[str], Any], Any, str]  # flag, type, default (None: required), help
+# The attacks on the internal sockets, aimed at a server by --pid or --namespace.
+INTERNAL: dict[str, tuple[Attack, list[Option]]] = {
+    "names": (attack_names, []),
+    "mesh-forge": (attack_mesh_forge, [
+        ("--text", str, "forged by a stranger", "the line to broadcast"),
+        ("--wait", float, 1.0, "seconds to wait for the server to cut the link")]),
+    "mesh-bigframe": (attack_mesh_bigframe, [
+        ("--mib", int, 256, "MiB to stream into the declared frame, per link")]),
+    "mesh-idle": (attack_mesh_idle, [
+        ("--count", int, 1100, "connections to open"),
+        ("--hold", float, 5.0, "seconds to keep watching them")]),
+    "squat": (attack_squat, [
+        ("--slots", int, 16, "scoreboard slots to predict"),
+        ("--pids", int, 64, "next pids to predict"),
+        ("--hold", float, 60.0, "seconds to hold the names (SIGTERM ends sooner)")]),
+    "nudge-flood": (attack_nudge_flood, [
+        ("--count", int, 100000, "datagrams to send")]),
+    "handoff-flood": (attack_handoff_flood, [
+        ("--count", int, 20000, "connections to make")]),
+}
+ATTACKS: dict[str, tuple[Attack, list[Option]]] = {
+    **INTERNAL,
     "health-slowloris": (attack_health_slowloris, [
         ("--metrics", str, None, "metrics_bind address HOST:PORT"),
         ("--sockets", int, 300, "slowloris sockets"),
@@ -382,6 +698,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="attack", required=True)
     for name, (function, options) in ATTACKS.items():
         sub = commands.add_parser(name, help=(function.__doc__ or "").split("\n")[0])
+        if name in INTERNAL:
+            target = sub.add_mutually_exclusive_group(required=True)
+            target.add_argument("--pid", type=int, help="the master's pid")
+            target.add_argument("--namespace", help="the server's namespace in its socket names")
         for flag, kind, default, text in options:
             sub.add_argument(flag, type=kind, default=default, required=default is None,
                              help=text if default is None else f"{text} [{default}]")

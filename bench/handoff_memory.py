@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -87,8 +86,6 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=9.5)
     args = parser.parse_args()
     size = int(args.mb * MB)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "fill.py").write_text(APP)

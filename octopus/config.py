@@ -371,7 +371,8 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 'arrived), "line" (newline-delimited) or "length" (4-byte big-endian '
                 "length prefix).", "raw|line|length"),
         Setting("max_message_size", _positive_int(GiB), 1048576,
-                "Largest framed message in bytes; one byte more ends the connection.",
+                "Largest framed message in bytes; one byte more ends the connection. "
+                "Also the largest broadcast() that reaches the other workers.",
                 "BYTES"),
         Setting("max_write_buffer", _positive_int(64 * GiB), 33554432,
                 "Bytes pending for one connection before it is disconnected as a slow "

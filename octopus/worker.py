@@ -187,6 +187,7 @@ class Worker:
         self.broadcasts_dropped = 0
         self.redis_gap = 0
         self.redis_malformed = 0
+        self.internal_refused = 0  # peers and frames refused on the sockets between workers
         self.closes = dict.fromkeys(CLOSE_REASONS, 0)  # why connections ended
         self.accept_pauses = dict.fromkeys(ACCEPT_PAUSE_CAUSES, 0)
         self.slow_consumers = 0

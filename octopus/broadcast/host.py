@@ -12,6 +12,7 @@ class BroadcastHost(Host, Protocol):
     broadcasts_dropped: int
     redis_gap: int  # broadcasts that did not reach other servers
     redis_malformed: int  # messages on the channel that no octopus server sent
+    internal_refused: int  # strangers refused on the sockets between workers
 
     def deliver(self, message: bytes) -> None:
         """Send ``message`` to this worker's clients."""

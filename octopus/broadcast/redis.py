@@ -63,8 +63,8 @@ class RedisBroadcast:
         self.lost_at: float | None = None
         self.backoff = BACKOFF_FIRST
         self.dropped = 0
-        self.refused = RateLimited(log)
-        self.malformed = RateLimited(log)
+        self.refused = RateLimited(log, 1.0)
+        self.malformed = RateLimited(log, 1.0)
         self._connect()
 
     def publish(self, message: bytes) -> None:

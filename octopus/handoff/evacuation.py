@@ -24,6 +24,7 @@ last connection is gone.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import logging
@@ -39,7 +40,8 @@ from octopus.coordination.scoreboard import READY
 from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
 from octopus.core.framing import LengthFramer, LineFramer
 from octopus.core.loop import EPOLLIN, EPOLLOUT, Timer
-from octopus.handoff.link import VERSION, Link, link_name, peer_credentials
+from octopus.core.peers import address, peer_credentials
+from octopus.handoff.link import VERSION, Link
 
 if TYPE_CHECKING:
     from octopus.broadcast.ledger import Key
@@ -157,9 +159,15 @@ class Evacuation:
 
     def _link(self, key: Key, target: _Target) -> Link | None:
         if target.link is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET
-                                 | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            err = sock.connect_ex(link_name(self.handoff.namespace, *key))
+            token = self.handoff.board.token(key[0], "handoff")
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET
+                                     | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            except OSError as exc:  # EMFILE: its connections drain here instead
+                log.warning("hand-off: cannot reach worker pid %d: %s", key[1], exc.strerror)
+                return None
+            err = (sock.connect_ex(address("handoff", self.handoff.namespace, token))
+                   if token is not None else errno.ENOENT)
             if err or peer_credentials(sock)[0] != key[1]:
                 sock.close()
                 log.warning("hand-off: cannot reach worker pid %d: %s", key[1],

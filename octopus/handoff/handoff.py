@@ -7,10 +7,11 @@ many each holds, instead of draining them. The master only retires the
 worker; the workers do the rest between themselves.
 
 Each worker listens on an abstract-namespace ``SOCK_SEQPACKET`` socket
-named after the master, its slot and pid (reliable, ordered, message
-boundaries kept, descriptors passed with ``SCM_RIGHTS``). Only processes
-that the scoreboard lists as this master's workers may connect
-(``SO_PEERCRED``): the messages carry pickles.
+with an unguessable name it publishes in its scoreboard slot (reliable,
+ordered, message boundaries kept, descriptors passed with ``SCM_RIGHTS``).
+Only processes that the scoreboard lists as this master's workers get in
+(``SO_PEERCRED``, checked before a byte is read: ``octopus.core.peers``):
+the messages carry pickles.
 
 The move, per connection, in two phases (the old worker's side, in batches,
 is ``octopus.handoff.evacuation``; this module is the new worker's)::
@@ -64,9 +65,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
-from octopus.core.loop import EPOLLIN, EPOLLOUT, accept_waiting
+from octopus.core.loop import EPOLLIN, EPOLLOUT
+from octopus.core.peers import InternalListener, Peers, bind_unique
 from octopus.handoff.evacuation import ANSWER_TIMEOUT, Evacuation
-from octopus.handoff.link import VERSION, Link, link_name, peer_credentials
+from octopus.handoff.link import VERSION, Link
 
 if TYPE_CHECKING:
     from octopus.broadcast.ledger import Watermarks
@@ -95,18 +97,18 @@ class Handoff:
         self.namespace, self.mesh, self.report = namespace, mesh, report
         self.ledger = mesh.ledger if mesh is not None else None
         self.generation = board.read(slot).generation
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET
-                                      | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        self.listener.bind(link_name(namespace, slot, os.getpid()))
-        self.listener.listen(64)
-        self.loop.register(self.listener.fileno(), EPOLLIN, self._accept)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET
+                             | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        board.set_token(slot, "handoff", bind_unique(sock, "handoff", namespace))
+        sock.listen(64)
+        self.peers = Peers(board.pids, self.refused)
+        self.listener = InternalListener(self.loop, sock, "hand-off", self.peers, self._admit)
         self.taker = _Taker(self)
         self.giver: Evacuation | None = None
         self.links: set[Link] = set()  # every open link, both ways
 
     def close(self) -> None:
         """Close the listener and every link (a worker process just exits)."""
-        self.loop.unregister(self.listener.fileno())
         self.listener.close()
         for link in list(self.links):
             link.close()
@@ -121,20 +123,13 @@ class Handoff:
         """This worker's broadcast watermarks, after taking in what peers sent."""
         return None if self.ledger is None else self.ledger.watermarks()
 
-    def live_pids(self) -> set[int]:
-        return {view.pid for view in self.board.views()}
+    def refused(self) -> None:
+        self.worker.internal_refused += 1
 
-    def _accept(self, mask: int) -> None:
-        for sock in accept_waiting(self.listener, "hand-off"):
-            pid, uid, _ = peer_credentials(sock)
-            if uid != os.getuid() or pid not in self.live_pids():
-                log.warning("hand-off: refusing a link from pid %d (uid %d): not a worker "
-                            "of this server", pid, uid)
-                sock.close()
-                continue
-            sock.setblocking(False)
-            self.links.add(Link(self.loop, sock, self.taker.on_message, self.taker.on_lost,
-                                on_data=self.taker.on_data))
+    def _admit(self, sock: socket.socket, pid: int) -> None:
+        """A link from a live worker of this master (checked by the listener)."""
+        self.links.add(Link(self.loop, sock, self.taker.on_message, self.taker.on_lost,
+                            on_data=self.taker.on_data))
 
 
 @dataclass(eq=False)

@@ -15,8 +15,8 @@ Facts about ``AF_UNIX`` ``SOCK_SEQPACKET`` that this relies on:
 
 So a message longer than ``CHUNK`` goes as several packets, each led by a
 flag byte (``MORE`` or ``LAST``), and the descriptors ride on the first.
-Both sides are workers of one master (the listener checks ``SO_PEERCRED``),
-so the messages are pickles.
+Both sides are workers of one master (the listener checks ``SO_PEERCRED``
+before it reads a byte: ``octopus.core.peers``), so the messages are pickles.
 
 Bulk bytes (a moved connection's pending output) go beside the messages as
 ``DATA`` packets, raw: ``send(..., data=)`` queues views of the caller's buffers,
@@ -32,7 +32,6 @@ import logging
 import os
 import pickle
 import socket
-import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,21 +47,8 @@ READS_PER_EVENT = 64  # packets read per readiness event, so others get their tu
 MORE, LAST, DATA = b"\1", b"\0", b"\2"
 VERSION = 2  # of the messages; workers of another octopus refuse each other
 _FD_SIZE = array.array("i").itemsize
-_UCRED = struct.Struct("3i")
 
 Message = dict[str, Any]
-
-
-def link_name(namespace: str, slot: int, pid: int) -> str:
-    """The abstract address of a worker's hand-off listener (gone with the process)."""
-    return f"\0octopus-handoff/{namespace}/{slot}/{pid}"
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end, as of connect()."""
-    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                  _UCRED.size))
-    return pid, uid, gid
 
 
 class Link:

@@ -79,8 +79,9 @@ _PLAIN = {
     "broadcasts_delivered": ("broadcasts_delivered_total",
                              "Broadcast messages handed to a connection."),
     "broadcasts_dropped": ("broadcasts_dropped_total",
-                           "Broadcasts queued to a peer worker whose link was cut off "
-                           "because it stopped reading."),
+                           "Broadcasts that did not reach a peer worker: its link was cut "
+                           "off because it stopped reading, no descriptor was left to "
+                           "reach it, or the message was over max_message_size."),
     "redis_gap": ("broadcast_redis_gap_total",
                   "Broadcasts that did not reach other servers: Redis was down or slow."),
     "admission_evictions": ("admission_evictions_total",
@@ -88,6 +89,10 @@ _PLAIN = {
                             "room: that address's count started afresh."),
     "redis_malformed": ("broadcast_redis_malformed_total",
                         "Messages on the Redis channel that no octopus server sent, dropped."),
+    "internal_refused": ("internal_refused_total",
+                         "Connections, datagrams and links refused on the sockets between "
+                         "workers: not from a worker of this server, or breaking the "
+                         "protocol."),
     "worker_buffer_cuts": ("worker_buffer_cuts_total",
                            "Connections disconnected because the output pending in their "
                            "worker passed max_worker_buffer, those with the most first (also "
