@@ -12,6 +12,8 @@ attack and prints one JSON object: what it did and what it saw.
     python3 bench/attack.py status-rush --pidfile octopusd.pid
     python3 bench/attack.py redis-malformed --redis redis://127.0.0.1:6379/0 \\
         --sender 127.0.0.1:9876 --receiver 127.0.0.1:9877
+    python3 bench/attack.py silent-handshakes --tls 127.0.0.1:9443 --plain 127.0.0.1:9876
+    python3 bench/attack.py pin-output --target 127.0.0.1:9876 --master-pid 1234
 
 Judge the outcome with the server's log and /metrics
 (``octopus_internal_refused_total``, ``octopus_broadcasts_dropped_total``,
@@ -27,7 +29,12 @@ and register it in ``ATTACKS``):
   ``mesh-forge``, ``mesh-bigframe``, ``mesh-idle``, ``squat``, ``nudge-flood``,
   ``handoff-flood``;
 - the master's endpoints: ``health-slowloris``, ``big-head``, ``status-rush``;
-- the Redis channel: ``redis-malformed``.
+- the Redis channel: ``redis-malformed``;
+- what a client can make a worker hold: ``silent-handshakes`` (TLS or PROXY
+  connections that never finish, against a plain listener's echo; see
+  ``octopus_accept_pauses_total{cause="handshakes"}``), ``pin-output``
+  (clients of a chat-like line app that never read; see
+  ``octopus_worker_buffer_cuts_total`` and ``octopus_worker_pending_output_bytes``).
 """
 
 from __future__ import annotations
@@ -526,6 +533,100 @@ def attack_redis_malformed(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# -- what a client can make a worker hold ----------------------------------------
+
+
+def echo_time(target: tuple[str, int], timeout: float) -> float | None:
+    """Seconds for one line to come back from a line echo; None if it did not."""
+    started = time.monotonic()
+    try:
+        with socket.create_connection(target, timeout=timeout) as sock:
+            sock.sendall(b"ping\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return None
+                reply += chunk
+    except OSError:
+        return None
+    return time.monotonic() - started
+
+
+def attack_silent_handshakes(args: argparse.Namespace) -> dict[str, Any]:
+    """Hold --sockets silent connections on a tls/proxy listener; echo on --plain meanwhile."""
+    held: list[socket.socket] = []
+    refused = 0
+    try:
+        for _ in range(args.sockets):
+            try:
+                held.append(socket.create_connection(address(args.tls), timeout=2))
+            except OSError:
+                refused += 1
+        time.sleep(args.warmup)
+        times = [echo_time(address(args.plain), args.timeout) for _ in range(args.probes)]
+    finally:
+        for sock in held:
+            sock.close()
+    answered = [t for t in times if t is not None]
+    return {"sockets": len(held), "connect_failed": refused, "probes": len(times),
+            "echo_failed": len(times) - len(answered),
+            **(latency_summary(answered) if answered else {})}
+
+
+def worker_peak_rss(master: int) -> dict[str, int]:
+    """VmHWM (KiB) of each child of ``master``, by pid (none when ``master`` is 0)."""
+    if not master:
+        return {}
+    try:
+        with open(f"/proc/{master}/task/{master}/children") as children:
+            pids = children.read().split()
+    except OSError:
+        return {}
+    peaks = {}
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    peaks[pid] = int(line.split()[1])
+    return peaks
+
+
+def attack_pin_output(args: argparse.Namespace) -> dict[str, Any]:
+    """--clients that never read, while a talker sends lines that the app sends to all."""
+    target = address(args.target)
+    before = worker_peak_rss(args.master_pid)
+    readers = []
+    for _ in range(args.clients):
+        sock = socket.socket(socket.AF_INET6 if ":" in target[0] else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(target)
+        readers.append(sock)
+    line = b"z" * (args.line - 1) + b"\n"
+    sent = 0
+    with socket.create_connection(target, timeout=5) as talker:
+        with contextlib.suppress(OSError):  # the talker does not read either: it may be cut
+            while sent < args.mb * 1_000_000:
+                talker.sendall(line)
+                sent += len(line)
+        time.sleep(args.settle)
+        after = worker_peak_rss(args.master_pid)
+    cut = 0
+    for sock in readers:  # a cut client reads what the kernel held, then EOF or a reset
+        sock.settimeout(args.settle)
+        try:
+            while sock.recv(1 << 20):
+                pass
+            cut += 1
+        except ConnectionResetError:
+            cut += 1
+        except OSError:  # still open: the server still holds its output
+            pass
+        sock.close()
+    return {"clients": args.clients, "bytes_sent_by_talker": sent, "readers_cut": cut,
+            "worker_peak_rss_kib_before": before, "worker_peak_rss_kib_after": after}
+
+
 # -- command line ---------------------------------------------------------------
 
 Attack = Callable[[argparse.Namespace], dict[str, Any]]
@@ -575,6 +676,20 @@ ATTACKS: dict[str, tuple[Attack, list[Option]]] = {
         ("--sender", str, None, "HOST:PORT of one server (a broadcasting line app)"),
         ("--receiver", str, None, "HOST:PORT of another server"),
         ("--messages", int, 1000, "broadcasts to send through --sender")]),
+    "silent-handshakes": (attack_silent_handshakes, [
+        ("--tls", str, None, "HOST:PORT of a tls (or proxy) listener"),
+        ("--plain", str, None, "HOST:PORT of a plain listener of a line echo"),
+        ("--sockets", int, 300, "silent connections"),
+        ("--warmup", float, 0.5, "seconds between the flood and the first echo"),
+        ("--probes", int, 9, "echoes"),
+        ("--timeout", float, 2.0, "seconds an echo may take")]),
+    "pin-output": (attack_pin_output, [
+        ("--target", str, None, "HOST:PORT of a line app that sends each line to all"),
+        ("--clients", int, 20, "clients that never read"),
+        ("--mb", float, 50.0, "megabytes the talker sends"),
+        ("--line", int, 65536, "bytes per line (under max_message_size)"),
+        ("--settle", float, 2.0, "seconds to wait for the server"),
+        ("--master-pid", int, 0, "the master's pid, to read its workers' peak memory")]),
 }
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from octopus import config, logs
 from octopus.coordination.admission import Table
-from octopus.coordination.scoreboard import RETIRING, STATE_NAMES, Scoreboard
+from octopus.coordination.scoreboard import RETIRING, STATE_NAMES, Scoreboard, capacity_for
 from octopus.errors import AppImportError, OctopusError
 from octopus.supervisor import pidfile, privileges, systemd
 from octopus.supervisor.control import ControlServer, control_path
@@ -94,7 +94,7 @@ class Master:
         self.started = time.time()
         self._signals = SignalQueue()
         self._selector = selectors.DefaultSelector()
-        self.scoreboard = Scoreboard()
+        self.scoreboard = Scoreboard(capacity_for(settings.workers))
         self.admission = Table()  # per-address counts; pages untouched while no limit is set
         # Distinct even for masters with equal pids in separate pid namespaces.
         self.namespace = f"{os.getpid()}-{secrets.token_hex(8)}"
@@ -220,6 +220,11 @@ class Master:
     handle_quit = handle_int
 
     def handle_ttin(self) -> None:
+        if 2 * (self.num_workers + 1) > self.scoreboard.capacity:
+            log.warning("SIGTTIN: keeping %d worker(s): a reload of more would not fit the "
+                        "scoreboard's %d slots (sized at start; restart to grow it)",
+                        self.num_workers, self.scoreboard.capacity)
+            return
         self.num_workers += 1
         log.info("SIGTTIN: %d worker(s)", self.num_workers)
 
@@ -518,6 +523,12 @@ class Master:
                 settings = config.load(settings.config_file, self.overrides)
             tls.check(settings)  # renewed certificates: the new workers load them again
             websocket.check(settings)
+            free = self.scoreboard.capacity - len(self.workers)
+            if settings.workers > free:
+                raise OctopusError(
+                    f"{settings.workers} new worker(s) do not fit the scoreboard: {free} of "
+                    f"its {self.scoreboard.capacity} slots are free (sized at start; restart "
+                    "to grow it)")
             self._pending_listeners = (
                 self.listeners if systemd_owned(self.listeners)
                 else self._bind(settings, keep=self.listeners)

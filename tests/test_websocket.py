@@ -17,6 +17,7 @@ from octopus import SocketConnection
 from tests import ws_raw
 from tests.conftest import ThreadedServer
 from tests.helpers import LineClient, connect, wait_until
+from tests.test_proxy_protocol import v2
 from tests.tls_certs import make_certs
 
 websockets = pytest.importorskip("websockets", reason="the ws extra: pip install 'octopus[ws]'")
@@ -462,3 +463,17 @@ def test_a_close_the_peer_never_answers_ends_after_ws_close_timeout(
     wait_until(lambda: ("close",) in Echo.events, timeout=1.5)
     assert closes(server, "disconnect") == 1
     sock.close()
+
+
+def test_a_proxy_local_health_check_on_a_ws_listener_never_reaches_the_app(
+        threaded_server: Start) -> None:
+    server = threaded_server(Echo, "127.0.0.1:0 proxy ws")
+    sock = connect(server.address)
+    sock.sendall(v2(command=0, family=0) + ws_raw.request())
+    try:
+        assert sock.recv(65536) == b""
+    except ConnectionResetError:
+        pass
+    sock.close()
+    wait_until(lambda: closes(server, "health_check") == 1)
+    assert sum(server.worker.closes.values()) == 1 and not Echo.events

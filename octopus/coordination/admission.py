@@ -58,6 +58,7 @@ SLOTS = 65536  # 64 bytes each: 4 MiB shared by all workers
 WINDOW = 8
 LOG_INTERVAL = 1.0  # seconds between two log lines about refusals
 LOCK_WAIT = 0.05  # seconds before a waiter looks for a dead holder
+REMEMBERED = 4096  # keys whose slot a process remembers (then it starts afresh)
 
 
 
@@ -69,16 +70,28 @@ class Table:
         self._mem = mmap.mmap(-1, _HEADER.size + slots * _ENTRY.size)
         self._lock = multiprocessing.get_context("fork").Lock()
         self._salt = os.urandom(8).hex()
+        self._pid = self._pid_of = 0
+        self._last: dict[bytes, int] = {}  # key -> slot, as this process last found it
         self.evictions = 0  # by this process
 
     def acquire(self) -> None:
+        if not self._lock.acquire(False):  # uncontended: no deadline to compute
+            self._wait()
+        _HEADER.pack_into(self._mem, 0, self._pid or self._own_pid())
+
+    def _wait(self) -> None:
         lock = self._lock
         while not lock.acquire(timeout=LOCK_WAIT):
             (holder,) = _HEADER.unpack_from(self._mem, 0)
             if holder and not _alive(holder):
                 _HEADER.pack_into(self._mem, 0, 0)
                 lock.release()  # the holder died inside: its section is void
-        _HEADER.pack_into(self._mem, 0, os.getpid())
+
+    def _own_pid(self) -> int:
+        # Set once per process: the table is made before fork, used after.
+        if self._pid_of != os.getpid():
+            self._pid_of = self._pid = os.getpid()
+        return self._pid
 
     def release_lock(self) -> None:
         _HEADER.pack_into(self._mem, 0, 0)
@@ -87,68 +100,77 @@ class Table:
     def admit(self, key: str, now: float, limit: int, rate: float) -> str | None:
         """Take one connection for ``key`` (both limits 0: none); return the
         reason for refusing it instead, and then take nothing."""
+        padded = key.encode()[:_KEY_SIZE].ljust(_KEY_SIZE, b"\0")
+        mem = self._mem
         self.acquire()
         try:
-            at, count, tokens, refilled = self._find(key.encode()[:_KEY_SIZE], now, rate)
+            at = self._slot_of(padded)
+            if at >= 0:
+                _, count, tokens, refilled, _ = _ENTRY.unpack_from(mem, _offset(at))
+            else:
+                at, count, tokens, refilled = self._claim(padded, now, rate)
             if rate:
                 tokens = min(2 * rate, tokens + (now - refilled) * rate)
                 if tokens < 1:
-                    self._write(at, key, count, tokens, now, now)
+                    _ENTRY.pack_into(mem, _offset(at), padded, count, tokens, now, now)
                     return "per_ip_rate"
+                refilled = now
             if limit and count >= limit:
-                self._write(at, key, count, tokens, now, now)
+                _ENTRY.pack_into(mem, _offset(at), padded, count, tokens, refilled, now)
                 return "per_ip_connections"
-            self._write(at, key, count + 1, tokens - 1 if rate else tokens, now, now)
+            _ENTRY.pack_into(mem, _offset(at), padded, count + 1,
+                             tokens - 1 if rate else tokens, refilled, now)
             return None
         finally:
             self.release_lock()
 
     def give_back(self, key: str) -> None:
         """One connection of ``key`` ended."""
-        raw = key.encode()[:_KEY_SIZE]
+        padded = key.encode()[:_KEY_SIZE].ljust(_KEY_SIZE, b"\0")
+        mem = self._mem
         self.acquire()
         try:
-            at = self._locate(raw)
+            at = self._slot_of(padded)
             if at >= 0:
-                offset = _HEADER.size + at * _ENTRY.size
-                stored, count, tokens, refilled, seen = _ENTRY.unpack_from(self._mem, offset)
+                offset = _offset(at)
+                _, count, tokens, refilled, seen = _ENTRY.unpack_from(mem, offset)
                 if count > 0:
-                    _ENTRY.pack_into(self._mem, offset, stored, count - 1, tokens, refilled, seen)
+                    _ENTRY.pack_into(mem, offset, padded, count - 1, tokens, refilled, seen)
         finally:
             self.release_lock()
 
     def open_connections(self, key: str) -> int:
-        at = self._locate(key.encode()[:_KEY_SIZE])
-        if at < 0:
-            return 0
-        return int(_ENTRY.unpack_from(self._mem, _HEADER.size + at * _ENTRY.size)[1])
+        at = self._slot_of(key.encode()[:_KEY_SIZE].ljust(_KEY_SIZE, b"\0"))
+        return 0 if at < 0 else int(_ENTRY.unpack_from(self._mem, _offset(at))[1])
 
-    def _start(self, raw: bytes) -> int:
-        return hash((self._salt, raw)) & (self.slots - 1)
-
-    def _locate(self, raw: bytes) -> int:
-        start, mem, padded = self._start(raw), self._mem, raw.ljust(_KEY_SIZE, b"\0")
+    def _slot_of(self, padded: bytes) -> int:
+        """The slot that holds ``padded``, or -1. This process remembers where
+        each key was: one comparison, unless another worker evicted it."""
+        mem = self._mem
+        at = self._last.get(padded, -1)
+        if at >= 0 and mem[_offset(at):_offset(at) + _KEY_SIZE] == padded:
+            return at
+        start = hash((self._salt, padded)) & (self.slots - 1)
         for step in range(WINDOW):
             at = (start + step) & (self.slots - 1)
-            offset = _HEADER.size + at * _ENTRY.size
-            if mem[offset:offset + _KEY_SIZE] == padded:
+            if mem[_offset(at):_offset(at) + _KEY_SIZE] == padded:
+                if len(self._last) >= REMEMBERED:
+                    self._last.clear()
+                self._last[padded] = at
                 return at
         return -1
 
-    def _find(self, raw: bytes, now: float, rate: float) -> tuple[int, int, float, float]:
-        """The slot of ``raw`` with its count, tokens and refill time: its
-        own, else a free one (a fresh bucket), else the least recently seen
-        one's, evicted."""
+    def _claim(self, padded: bytes, now: float, rate: float) -> tuple[int, int, float, float]:
+        """A slot for a key the table lacks, with its count, tokens and refill
+        time: a free one (a fresh bucket), else the least recently seen one's,
+        evicted."""
         burst = 2 * rate
-        start, mem, padded = self._start(raw), self._mem, raw.ljust(_KEY_SIZE, b"\0")
+        start, mem = hash((self._salt, padded)) & (self.slots - 1), self._mem
         free = oldest = -1
         oldest_seen = math.inf
         for step in range(WINDOW):
             at = (start + step) & (self.slots - 1)
-            offset = _HEADER.size + at * _ENTRY.size
-            stored, count, tokens, refilled, seen = _ENTRY.unpack_from(mem, offset)
-            if stored == padded:
-                return at, count, tokens, refilled
+            stored, count, tokens, refilled, seen = _ENTRY.unpack_from(mem, _offset(at))
             if free < 0 and (stored[0] == 0 or (
                     count == 0 and (not rate or tokens + (now - refilled) * rate >= burst))):
                 free = at  # empty, or as good as: nothing open, bucket full
@@ -159,10 +181,9 @@ class Table:
             self.evictions += 1
         return free, 0, math.inf, now
 
-    def _write(self, at: int, key: str, count: int, tokens: float, refilled: float,
-               seen: float) -> None:
-        _ENTRY.pack_into(self._mem, _HEADER.size + at * _ENTRY.size,
-                         key.encode()[:_KEY_SIZE], count, tokens, refilled, seen)
+
+def _offset(at: int) -> int:
+    return _HEADER.size + at * _ENTRY.size
 
 
 def _alive(pid: int) -> bool:

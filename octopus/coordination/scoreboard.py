@@ -56,9 +56,21 @@ _BROADCAST_AT = _COUNTERS_AT + _COUNTERS.size
 CHANNELS = ("broadcast", "handoff")
 _TOKEN_SIZE = 16
 _NAMES_AT = _BROADCAST_AT + _BROADCAST.size
-_SLOT_SIZE = _NAMES_AT + len(CHANNELS) * _TOKEN_SIZE
+# Then the worker's pending output in bytes (a gauge), written at heartbeat time.
+_PENDING = struct.Struct("=q")
+_PENDING_AT = _NAMES_AT + len(CHANNELS) * _TOKEN_SIZE
+_SLOT_SIZE = _PENDING_AT + _PENDING.size
 _READ_TRIES = 100
-CAPACITY = 256
+CAPACITY = 256  # the fewest slots a scoreboard gets
+
+
+def capacity_for(workers: int) -> int:
+    """Slots for a server started with ``workers``. The mapping is shared with
+    every worker, so it cannot grow later: a reload runs two generations at
+    once, and as many again leaves room for TTIN, for a reload that raises
+    ``workers``, or for a reload while the last one's workers still retire.
+    Pages the kernel never touches cost no memory (MAP_ANONYMOUS)."""
+    return max(CAPACITY, 4 * workers)
 # A worker may exceed the average by this many connections before it yields
 # new ones to the others: small enough to spread, large enough that workers
 # with equal counts do not all refuse at once.
@@ -204,6 +216,12 @@ class Scoreboard:
         while (again := _BROADCAST.unpack_from(self._mem, at)[0]) != seq:
             seq = again
         return int(seq)
+
+    def set_pending_output(self, index: int, size: int) -> None:
+        _PENDING.pack_into(self._mem, self._offset(index) + _PENDING_AT, size)
+
+    def pending_output(self, index: int) -> int:
+        return int(_PENDING.unpack_from(self._mem, self._offset(index) + _PENDING_AT)[0])
 
     def set_token(self, index: int, channel: str, token: str) -> None:
         """Publish the token of the name this slot's worker bound for ``channel``."""

@@ -37,7 +37,8 @@ CLOSE_REASONS = (
 REFUSE_REASONS = ("per_ip_connections", "per_ip_rate", "peer_uid")
 
 # Why the worker stopped accepting for a while (``Worker.accept_pauses``).
-ACCEPT_PAUSE_CAUSES = ("max_connections", "fd_limit", "fair_share")
+# handshakes: only the tls/proxy listeners, while half the room is in handshakes.
+ACCEPT_PAUSE_CAUSES = ("max_connections", "fd_limit", "fair_share", "handshakes")
 
 # Plain integer attributes of the worker.
 WORKER_ATTRIBUTES = (
@@ -52,6 +53,7 @@ WORKER_ATTRIBUTES = (
     "redis_gap",  # broadcasts that did not reach other servers (Redis down or slow)
     "redis_malformed",  # messages on the Redis channel that no octopus server sent
     "internal_refused",  # strangers refused on the sockets between workers, links cut
+    "worker_buffer_cuts",  # slow consumers cut: the worker's output passed max_worker_buffer
 )
 
 COUNTERS: tuple[str, ...] = (

@@ -6,9 +6,10 @@ awaiting an answer. A connection on offer is *held*: registered with no
 events (edge-triggered, so HUP and ERR come once and are ignored) and
 corked, so ``send()`` only appends; nothing is read or written. Then:
 
-- taken: the COMMIT carries what it still has to write; our descriptor is
-  closed and the object forgotten (it is CLOSED: a ``send()`` on it does
-  nothing; no ``close()``);
+- taken: the COMMIT says how much it still has to write, and those bytes
+  follow it on the link as DATA, straight from the connection's buffer; our
+  descriptor is closed and the object forgotten (it is CLOSED: a ``send()``
+  on it does nothing; no ``close()``);
 - refused, no answer in time (then ABORT), the target died, or the
   connection changed meanwhile (the application closed it, or paused or
   resumed its reading): it is served here again as it was, with what was
@@ -327,28 +328,33 @@ class Evacuation:
 
     def _commit(self, link: Link, move_ids: list[int]) -> None:
         marks = self.handoff.marks()  # first: it delivers what peers sent, into the output
-        records: list[tuple[int, bytes, float]] = []
+        records: list[tuple[int, int, float]] = []
+        outputs: list[bytearray] = []
         for move_id in move_ids:
             conn = self.moves.pop(move_id).conn
             idle_for = 0.0 if conn._idle_timer is None else self.loop.time - conn._last_input
-            records.append((move_id, bytes(conn._wbuf), idle_for))
-            self._let_go(conn)
+            output = self._let_go(conn)
+            records.append((move_id, len(output), idle_for))
+            outputs.append(output)
         self.moved += len(records)
-        link.send({"t": "commit", "marks": marks, "records": records})
+        # The outputs follow as DATA, in the records' order, each the size its record says.
+        link.send({"t": "commit", "marks": marks, "records": records}, data=outputs)
 
-    def _let_go(self, conn: SocketConnection) -> None:
-        """``conn`` is the new worker's: close our descriptor; no close() hook."""
+    def _let_go(self, conn: SocketConnection) -> bytearray:
+        """``conn`` is the new worker's: close our descriptor; no close() hook.
+        Returns what it still had to write (its buffer itself: no copy)."""
         self.loop.unregister(conn._fd)
         if conn._idle_timer is not None:
             conn._idle_timer.cancel()
         conn._state = CLOSED
         conn._corked = False
-        conn._wbuf.clear()
+        output = conn._drop_output()
         self.worker.admission.release(conn._fd)  # counted again where it arrives
         conn._close_socket()
         # It stays in worker.connections (CLOSED: send() does nothing) until the
         # COMMIT is written: the worker exits once that table is empty.
         self.letting_go.append(conn)
+        return output
 
     def _expire(self, batch_id: int) -> None:
         batch = self.batches.pop(batch_id, None)

@@ -115,6 +115,7 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
             board.beat(slot, now, len(worker.connections), worker.messages_in,
                        worker.messages_out, worker.accepted)
             board.publish(slot, worker.accepting, collect(worker))
+            board.set_pending_output(slot, worker.pending_output)
             worker.update_fair_share()
 
     def ready() -> None:

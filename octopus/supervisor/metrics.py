@@ -93,6 +93,10 @@ _PLAIN = {
                          "Connections, datagrams and links refused on the sockets between "
                          "workers: not from a worker of this server, or breaking the "
                          "protocol."),
+    "worker_buffer_cuts": ("worker_buffer_cuts_total",
+                           "Connections disconnected because the output pending in their "
+                           "worker passed max_worker_buffer, those with the most first (also "
+                           "counted as closes with reason slow_consumer)."),
 }
 
 
@@ -328,6 +332,10 @@ class MasterMetrics:
                       "beyond that, the loop is stuck.")
         memory = _family("worker_resident_memory_bytes", "gauge",
                          "Resident memory of the worker process.")
+        pending = _family("worker_pending_output_bytes", "gauge",
+                          "Output the worker's connections hold that the kernel has not "
+                          "taken yet, all together, as reserved (in steps of an eighth plus "
+                          "4 KiB per connection); bounded by max_worker_buffer.")
         by_state = dict.fromkeys(STATE_NAMES[1:], 0)
         now = time.monotonic()
         for worker in sorted(master.workers.values(), key=lambda w: (w.index, w.pid)):
@@ -336,6 +344,7 @@ class MasterMetrics:
             by_state[state] = by_state.get(state, 0) + 1
             labels = {"worker": str(worker.index), "pid": str(worker.pid)}
             connections.add(slot.connections, **labels)
+            pending.add(master.scoreboard.pending_output(worker.slot), **labels)
             accepting.add(int(self.read(master, worker).accepting), **labels)
             lag.add(round(max(0.0, now - slot.heartbeat), 6), **labels)
             rss = proc_rss_bytes(worker.pid)
@@ -343,7 +352,7 @@ class MasterMetrics:
                 memory.add(rss, **labels)
         for state, count in by_state.items():
             states.add(count, state=state)
-        return [states, connections, accepting, lag, memory]
+        return [states, connections, accepting, lag, memory, pending]
 
 
 def _family(name: str, kind: str, doc: str) -> Family:

@@ -78,6 +78,9 @@ class Opener(Protocol):
               ) -> SocketConnection | None:
         """Hand the connection, its preamble done, to the application."""
 
+    def preamble_ended(self) -> None:
+        """A preamble failed or became a connection: its slot is free."""
+
 
 @dataclass(frozen=True)
 class ListenerPolicy:
@@ -256,6 +259,9 @@ class Preamble:
         self._start_ws(plain)
 
     def _start_ws(self, data: bytes) -> None:
+        if self.health_check:  # a balancer's check: it ends here, as on other listeners
+            self._finish()
+            return
         policy = self.policy.websocket
         assert policy is not None
         self.ws = OpeningHandshake(policy)
@@ -330,6 +336,7 @@ class Preamble:
             return True
         self._release()
         self.sock.close()
+        self.worker.preamble_ended()
         return False
 
     def _fail(self, reason: str, why: str) -> None:
@@ -339,6 +346,7 @@ class Preamble:
         if self.policy.gate is not None:
             self.policy.gate.release(self.fd)
         self.sock.close()
+        self.worker.preamble_ended()
 
     def abort(self) -> None:
         """The worker stops: drop this connection, counted as a shutdown."""
@@ -356,6 +364,7 @@ class Preamble:
             return
         self._release()
         conn = self.worker._open(self.fd, self.address, self.sock, self, self.conn)
+        self.worker.preamble_ended()
         if conn is None:
             return
         framer, early = conn._framer, self.early
