@@ -617,18 +617,12 @@ big_endian_32(const char *bytes)
     return (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | (uint32_t)b[3];
 }
 
-/* The declared length of the header at ``bytes``; -1 with MessageTooLarge
- * set when it exceeds the limit. */
-static Py_ssize_t
-declared_length(Framer *self, const char *bytes)
+static int
+length_too_large(Framer *self, uint32_t declared)
 {
-    uint32_t declared = big_endian_32(bytes);
-    if ((uint64_t)declared > (uint64_t)self->max) {
-        PyErr_Format(too_large, "declared length %lu exceeds max_message_size (%zd bytes)",
-                     (unsigned long)declared, self->max);
-        return -1;
-    }
-    return (Py_ssize_t)declared;
+    PyErr_Format(too_large, "declared length %lu exceeds max_message_size (%zd bytes)",
+                 (unsigned long)declared, self->max);
+    return -1;
 }
 
 /* No more bytes will come, so an incomplete frame never completes. */
@@ -651,10 +645,11 @@ length_next(Framer *self, PyObject **message)
         if (self->size < 4) {
             return maybe_drop_at_eof(self);
         }
-        if ((need = declared_length(self, base)) < 0) {
-            return -1;
+        uint32_t declared = big_endian_32(base);
+        if ((uint64_t)declared > (uint64_t)self->max) {
+            return length_too_large(self, declared);
         }
-        self->need = need;
+        self->need = need = (Py_ssize_t)declared;
     }
     if (self->size - 4 < need) {
         return maybe_drop_at_eof(self);
@@ -671,25 +666,30 @@ static PyObject *
 length_frame_chunk(Framer *self, const char *data, Py_ssize_t size)
 {
     const char *end = data + size;
+    if (size >= 4 && (uint64_t)big_endian_32(data) == (uint64_t)(size - 4)
+            && size - 4 <= self->max) {  /* the usual read: one frame */
+        PyObject *message = PyBytes_FromStringAndSize(data + 4, size - 4);
+        PyObject *messages = message == NULL ? NULL : PyList_New(1);
+        if (messages == NULL) {
+            Py_XDECREF(message);
+            return NULL;
+        }
+        PyList_SET_ITEM(messages, 0, message);
+        return messages;
+    }
     PyObject *messages = PyList_New(0);
     if (messages == NULL) {
         return NULL;
     }
     while (end - data >= 4) {
-        Py_ssize_t need = declared_length(self, data);
-        if (need < 0) {
-            PyObject *type, *value, *traceback;
-            PyErr_Fetch(&type, &value, &traceback);
-            if (hold(self, data, end - data) == 0) {
-                PyErr_Restore(type, value, traceback);
-            }
-            else {
-                Py_XDECREF(type);
-                Py_XDECREF(value);
-                Py_XDECREF(traceback);
+        uint32_t declared = big_endian_32(data);
+        if ((uint64_t)declared > (uint64_t)self->max) {
+            if (hold(self, data, end - data) == 0) {  /* as drain() leaves it */
+                length_too_large(self, declared);
             }
             goto error;
         }
+        Py_ssize_t need = (Py_ssize_t)declared;
         if (end - data - 4 < need) {
             self->need = need;  /* the header is parsed: the body is pending */
             break;
