@@ -9,8 +9,8 @@ CPU time per message swings from run to run on a shared machine; the number
 of instructions a server executes does not. Each server runs under
 ``valgrind --tool=callgrind --trace-children=yes`` twice: once for N1 and
 once for N2 pingpong round trips (64-byte messages, one in flight on each of
-``--conns`` connections), driven by an ordinary client outside valgrind, then
-stopped with SIGTERM. The figure is
+``--conns`` connections; for length framing, 60 bytes behind a 4-byte
+prefix), driven by an ordinary client outside valgrind, then stopped with SIGTERM. The figure is
 
     (Ir(N2) - Ir(N1)) / (N2 - N1) / conns
 
@@ -34,6 +34,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,7 @@ PEERS = BENCH / "peers"
 BUILD = BENCH / "build"
 PY = sys.executable
 MESSAGE = b"x" * 63 + b"\n"  # 64 bytes; newline-terminated for line framing
+LENGTH_MESSAGE = struct.pack(">I", 60) + b"x" * 60  # 64 bytes, length-prefixed
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Server:
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     master: bool = False  # the started process is a master: leave its count out
+    message: bytes = MESSAGE  # what the client sends and reads back, each round
 
 
 def _octopusd(*extra: str) -> tuple[str, ...]:
@@ -73,10 +76,14 @@ SERVERS = {server.name: server for server in (
     Server("octopus-line", (PY, str(PEERS / "octopus_echo.py"), "--framing", "line")),
     Server("octopus-line-pure", (PY, str(PEERS / "octopus_echo.py"), "--framing", "line"),
            env=(("OCTOPUS_PURE_PYTHON", "1"),)),
+    Server("octopus-length", (PY, str(PEERS / "octopus_echo.py"), "--framing", "length"),
+           message=LENGTH_MESSAGE),
+    Server("octopus-length-pure", (PY, str(PEERS / "octopus_echo.py"), "--framing", "length"),
+           env=(("OCTOPUS_PURE_PYTHON", "1"),), message=LENGTH_MESSAGE),
     Server("octopusd", _octopusd("--framing", "raw"), master=True),
 )}
 DEFAULT = ("c", "uvloop", "epoll", "octopus", "octopus-pure", "octopus-line",
-           "octopus-line-pure", "octopusd")
+           "octopus-line-pure", "octopus-length", "octopus-length-pure", "octopusd")
 
 
 def free_port() -> int:
@@ -97,7 +104,7 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float) -> 
     raise RuntimeError("the server did not listen in time")
 
 
-def drive(port: int, conns: int, rounds: int) -> None:
+def drive(port: int, conns: int, rounds: int, message: bytes = MESSAGE) -> None:
     """``rounds`` x ``conns`` round trips: each round sends one message on every
     connection, then reads every echo back."""
     socks = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(conns)]
@@ -106,10 +113,10 @@ def drive(port: int, conns: int, rounds: int) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(rounds):
             for sock in socks:
-                sock.sendall(MESSAGE)
+                sock.sendall(message)
             for sock in socks:
                 got = 0
-                while got < len(MESSAGE):
+                while got < len(message):
                     data = sock.recv(4096)
                     if not data:
                         raise RuntimeError("the server closed a connection")
@@ -131,7 +138,7 @@ def instructions(server: Server, conns: int, rounds: int) -> int:
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             wait_for_port(port, proc, time.monotonic() + 120)
-            drive(port, conns, rounds)
+            drive(port, conns, rounds, server.message)
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(120)
         finally:

@@ -393,6 +393,35 @@ def test_line_framing_splits_coalesced_and_fragmented_input(
         client.close()
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["alone", "in-a-batch"])
+def test_line_framed_receive_that_raises_ends_its_connection(
+        threaded_server: ServeThread, caplog: pytest.LogCaptureFixture, batch: bool) -> None:
+    """A message read alone takes a shorter path than a batch: both count the
+    messages and end the connection at the first raise, delivering no more."""
+    class App(Commands):
+        framing = "line"
+        received: ClassVar[list[bytes]] = []
+
+        def receive(self, message: bytes) -> None:
+            self.received.append(message)
+            super().receive(message)
+
+    server = threaded_server(App)
+    with connect(server.address) as sock:
+        sock.sendall(b"one\n")
+        assert recv_exactly(sock, 4) == b"one\n"
+        sock.sendall(b"two\nraise\nlost\n" if batch else b"raise\n")
+        # (The reply to "two", corked with its batch, goes with the abort.)
+        assert recv_until_closed(sock, allow_reset=True) == b""
+    wait_until(lambda: server.worker.closes["hook_error"] == 1, message="hook_error")
+    assert server.worker.messages_in == (4 if batch else 2)  # a batch is counted whole
+    assert App.received == ([b"one", b"two", b"raise"] if batch else [b"one", b"raise"])
+    server.stop_and_join()
+    App.assert_closed_once_each(1)
+    [logged] = app_tracebacks(caplog)
+    assert "RuntimeError: receive failed on purpose" in logged
+
+
 def test_length_framing_end_to_end(threaded_server: ServeThread) -> None:
     class App(Echo):
         framing = "length"

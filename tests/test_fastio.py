@@ -13,6 +13,8 @@ import os
 import select
 import shutil
 import socket
+import subprocess
+import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterator
@@ -201,3 +203,24 @@ def _eventually(sock: socket.socket, call: Callable[[], bytes], size: int = 1) -
         gathered += data
         if len(gathered) >= size or not data:
             return gathered
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("case", ["skipped", "failed-optional", "failed-required"])
+def test_build_switches(case: str, tmp_path: Path) -> None:
+    """``OCTOPUS_NO_EXTENSIONS=1`` builds nothing; a compile that fails is skipped
+    with a warning, unless ``OCTOPUS_REQUIRE_EXTENSIONS=1`` makes it fail the build."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("OCTOPUS_")}
+    env |= {"CC": "false", "PYTHONDONTWRITEBYTECODE": "1"}  # a compiler that always fails
+    env |= {"skipped": {"OCTOPUS_NO_EXTENSIONS": "1"}, "failed-optional": {},
+            "failed-required": {"OCTOPUS_REQUIRE_EXTENSIONS": "1"}}[case]
+    built = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "temp")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert (built.returncode != 0) == (case == "failed-required"), built.stderr
+    assert not list(tmp_path.rglob("_fastio*.so"))
+    if case == "failed-optional":  # the build says so, and goes on
+        assert 'building extension "octopus.core._fastio" failed' in built.stderr

@@ -4,7 +4,8 @@
     python bench/peers/octopus_echo.py --bind 127.0.0.1:9443 --tls-cert C --tls-key K
 
 With ``--framing line`` every newline-terminated message is echoed with its
-newline (octopus strips it on receive and adds it on send). With
+newline (octopus strips it on receive and adds it on send); ``--framing length``
+likewise with a 4-byte length prefix. With
 ``--tls-cert`` and ``--tls-key`` the listener serves TLS (``"ADDR tls"``).
 """
 

@@ -28,7 +28,7 @@ def parse_args(description: str, framing: bool = False, redis: bool = False,
     parser.add_argument("--bind", default="127.0.0.1:9876", help="HOST:PORT or unix:PATH")
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the socket")
     if framing:
-        parser.add_argument("--framing", choices=["raw", "line"], default="raw")
+        parser.add_argument("--framing", choices=["raw", "line", "length"], default="raw")
     if redis:
         parser.add_argument("--redis", action="store_true",
                             help="broadcast through a private redis-server")

@@ -403,9 +403,16 @@ class SocketConnection:
             log.info("closing %r: %s", self, exc)
             self._abort("message_too_large" if isinstance(exc, MessageTooLarge) else "eof")
             return
-        if messages:
+        if len(messages) == 1:  # the usual read: one message, no batch to cork
+            self._worker.messages_in += 1
+            try:
+                self.receive(messages[0])
+            except Exception:
+                app_log.error("Error in receive() of %r", self, exc_info=True)
+                self._abort("hook_error")
+        elif messages:
             self._worker.messages_in += len(messages)
-            batch = self._corked = len(messages) > 1
+            self._corked = True
             try:
                 for message in messages:
                     if self._state != OPEN:
@@ -416,7 +423,7 @@ class SocketConnection:
                 self._abort("hook_error")
             finally:
                 self._corked = False
-            if batch and self._wbuf and not self._events & EPOLLOUT:
+            if self._wbuf and not self._events & EPOLLOUT:
                 self._flush()
         if not data:
             self._peer_eof()

@@ -27,18 +27,27 @@ one read chunk, never more.
 
 After EOF, ``next_message()`` returns the messages still buffered and then
 ``NEED_DATA`` forever. Feeding data after EOF is a caller bug (RuntimeError).
+
+Where the optional compiled ``_fastio`` was built (see ``octopus.core.fdio``;
+``OCTOPUS_PURE_PYTHON=1`` ignores it), ``make_framer`` gives its line and
+length framers: the same semantics, limits and messages, in C. They count as
+instances of ``LineFramer`` and ``LengthFramer`` (registered subclasses).
 """
 
 from __future__ import annotations
 
+import abc
 import enum
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Final, Protocol
 
+from octopus.core import fdio
+
 __all__ = [
-    "FRAMINGS", "NEED_DATA", "FrameError", "Framer", "LengthFramer", "LineFramer",
-    "MessageTooLarge", "NeedData", "RawFramer", "make_framer",
+    "COMPILED_FRAMERS", "FRAMINGS", "NEED_DATA", "FrameError", "Framer", "LengthFramer",
+    "LineFramer", "MessageTooLarge", "NeedData", "RawFramer", "make_framer",
 ]
 
 
@@ -89,6 +98,7 @@ def drain(framer: Framer, data: bytes) -> list[bytes]:
 FRAMINGS: Final[tuple[str, ...]] = ("raw", "line", "length")
 
 _MAX_LENGTH: Final = 0xFFFFFFFF  # largest length a 4-byte prefix can declare
+_NEWLINE: Final = 10  # b"\n"[0]
 _HEADER: Final = struct.Struct(">I")
 
 
@@ -144,8 +154,11 @@ class RawFramer:
         buffer += message
 
 
-class _BufferedFramer:
-    """What the line and length framers share: a bytearray and EOF."""
+class _BufferedFramer(metaclass=abc.ABCMeta):
+    """What the line and length framers share: a bytearray and EOF.
+
+    (An ABC only so that the compiled framers can register as subclasses.)
+    """
 
     __slots__ = ("_buf", "_eof", "_max")
 
@@ -171,6 +184,9 @@ class _BufferedFramer:
             self._buf += data
         else:
             self._eof = True
+
+    @abc.abstractmethod
+    def next_message(self) -> bytes | NeedData: ...
 
 
 class LineFramer(_BufferedFramer):
@@ -210,15 +226,22 @@ class LineFramer(_BufferedFramer):
     def feed_messages(self, data: bytes) -> list[bytes]:
         """``feed(data)`` then every complete message, in order (the server's hot path).
 
-        One ``bytes.split`` does the work; a line begun in an earlier chunk is
+        A chunk that is one whole line is that message; else one ``bytes.split``
+        does the work: a line begun in an earlier chunk is
         joined to the first piece. A chunk no longer than the limit cannot
         hold an oversized message, so only longer ones are checked.
         """
         if not data or self._eof:
             return drain(self, data)
+        buf, limit = self._buf, self._max
+        if not buf and data[-1] == _NEWLINE:  # the usual read: one whole line
+            message = data[:-1]
+            # (`int in bytes` is a memchr; bytes.find parses its arguments, split
+            # compares byte by byte.)
+            if _NEWLINE not in message and len(message) <= limit:
+                return [message]
         messages = data.split(b"\n")
         tail = messages.pop()
-        buf, limit = self._buf, self._max
         if buf and (not messages or len(buf) + len(messages[0]) > limit):
             return drain(self, data)  # no line completed yet, or the pending one is too long
         if len(data) > limit and (len(tail) > limit or any(len(m) > limit for m in messages)):
@@ -283,6 +306,11 @@ class LengthFramer(_BufferedFramer):
         return NEED_DATA
 
     def feed_messages(self, data: bytes) -> list[bytes]:
+        """``feed(data)`` then every complete message, in order (the server's hot path)."""
+        if len(data) >= 4 and not self._buf and not self._eof:
+            (need,) = _HEADER.unpack_from(data)
+            if len(data) == 4 + need and need <= self._max:  # the usual read: one frame
+                return [data[4:]]
         return drain(self, data)
 
     def frame(self, message: bytes) -> bytes:
@@ -300,12 +328,26 @@ class LengthFramer(_BufferedFramer):
         buffer += message
 
 
+_Line: Callable[[int], Framer] = LineFramer
+_Length: Callable[[int], Framer] = LengthFramer
+# The compiled framers, by name, where _fastio was built (the tests run both).
+COMPILED_FRAMERS: Final[dict[str, Callable[[int], Framer]]] = {}
+if fdio.COMPILED:
+    from octopus.core import _fastio
+
+    _fastio.bind(NEED_DATA, MessageTooLarge)
+    LineFramer.register(_fastio.LineFramer)
+    LengthFramer.register(_fastio.LengthFramer)
+    _Line = COMPILED_FRAMERS["line"] = _fastio.LineFramer
+    _Length = COMPILED_FRAMERS["length"] = _fastio.LengthFramer
+
+
 def make_framer(name: str, max_size: int) -> Framer:
     """Return a new framer for ``name`` (one of ``FRAMINGS``); ``max_size`` bounds messages."""
     if name == "raw":
         return RawFramer()
     if name == "line":
-        return LineFramer(max_size)
+        return _Line(max_size)
     if name == "length":
-        return LengthFramer(max_size)
+        return _Length(max_size)
     raise ValueError(f"unknown framing {name!r} (expected one of: {', '.join(FRAMINGS)})")
