@@ -51,7 +51,7 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from octopus.core.fdio import read as _read
@@ -90,8 +90,12 @@ class SocketConnection:
     # Set once per class (__init_subclass__): the flush calls drained() only
     # for classes that define it.
     _wants_drained: ClassVar[bool] = False
+    # Set for classes with an ``async def`` hook (octopus.core.asynchooks): what
+    # holds a connection's pending handler and backlog. None: the direct path.
+    _async: ClassVar[type | None] = None
 
     __slots__ = (
+        "_aio",
         "_connected",
         "_connector",
         "_corked",
@@ -133,16 +137,16 @@ class SocketConnection:
     tls: TLSDetails | None  # on TLS listeners: version, cipher, ALPN, SNI, client certificate
     proxied_by: Any  # on proxy listeners: the balancer's address (``address`` is the client's)
 
-    def connect(self) -> None:
+    def connect(self) -> Awaitable[None] | None:
         """A client connected."""
 
-    def receive(self, message: bytes) -> None:
+    def receive(self, message: bytes) -> Awaitable[None] | None:
         """One message arrived."""
 
-    def close(self) -> None:
+    def close(self) -> Awaitable[None] | None:
         """The connection is gone, whichever side ended it."""
 
-    def drained(self) -> None:
+    def drained(self) -> Awaitable[None] | None:
         """Output that had to wait has all been written: room to send more."""
 
     def suspend(self) -> Any:
@@ -153,13 +157,19 @@ class SocketConnection:
         """
         return None
 
-    def resume(self, state: Any) -> None:
+    def resume(self, state: Any) -> Awaitable[None] | None:
         """This connection was moved here from a retiring worker; ``state`` is
         what its ``suspend()`` returned. Runs instead of ``connect()``."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._wants_drained = cls.drained is not SocketConnection.drained
+        # Decided once per class: a class whose hooks are all plain functions
+        # keeps the direct path; one with an async def hook gets the methods
+        # that run hooks as tasks on the worker's asyncio loop.
+        from octopus.core import asynchooks
+
+        asynchooks.prepare(cls)
 
     def send(self, data: bytes) -> None:
         """Queue ``data`` (framed as this connection frames); never blocks."""
@@ -326,6 +336,8 @@ class SocketConnection:
         self._corked = False
         self._wbuf = bytearray()
         self._idle_timer = None
+        if self._async is not None:
+            self._aio = self._async()
         self.address = address
         if type(address) is tuple:  # TCP: (host, port, ...)
             self._sock = sock
@@ -459,11 +471,23 @@ class SocketConnection:
 
     def _run_hook(self, hook: Callable[[], object]) -> None:
         try:
-            hook()
+            result = hook()
         except Exception:
             app_log.error("Error in %s() of %r", getattr(hook, "__name__", "callback"),
                           self, exc_info=True)
             self._abort("hook_error")
+            return
+        if result is not None:  # an async def callback (call_later ...): a task
+            from octopus.core.asynchooks import adopt
+
+            adopt(self, result, hook)
+
+    def _run_close(self) -> None:
+        """The close() hook (the async classes wait for a cancelled handler first)."""
+        try:
+            self.close()
+        except Exception:
+            app_log.error("Error in close() of %r", self, exc_info=True)
 
     def _peer_eof(self) -> None:
         # The peer will send nothing more; it may still read our reply.
@@ -565,7 +589,4 @@ class SocketConnection:
         self._close_socket()
         self._worker.connection_closed(self)
         if self._connected:
-            try:
-                self.close()
-            except Exception:
-                app_log.error("Error in close() of %r", self, exc_info=True)
+            self._run_close()

@@ -37,6 +37,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
+
+from octopus.core.aio import Guest
 
 log = logging.getLogger("octopus.worker")
 
@@ -94,7 +97,9 @@ class Loop:
         self._signal_handlers: dict[int, Callable[[], object]] = {}
         self._saved_signals: dict[int, object] = {}
         self._saved_wakeup_fd: int | None = None
-
+        # The asyncio loop of the hooks (octopus.core.aio), stepped from run().
+        self.guest = Guest()
+        self.register(self.guest.fd, EPOLLIN, self.guest.step)
 
     def register(self, fd: int, events: int, callback: EventCallback) -> None:
         self._epoll.register(fd, events)
@@ -196,14 +201,21 @@ class Loop:
         soon = self._soon
         timers = self._timers
         monotonic = time.monotonic
+        guest = self.guest
+        aloop: Any = guest.aloop
+        guest_ready = guest.ready
+        entered = guest.enter()
         try:
             while not self._stopping:
-                if soon:
+                if soon or guest_ready:
                     timeout = 0.0
                 elif timers:
                     timeout = min(max(0.0, timers[0][0] - monotonic()), self.max_wait)
                 else:
                     timeout = self.max_wait
+                scheduled = aloop._scheduled  # asyncio timers (call_later, sleep)
+                if scheduled and timeout:
+                    timeout = min(timeout, max(0.0, scheduled[0]._when - monotonic()))
                 events = poll(timeout)
                 now = self.time = monotonic()
                 for fd, mask in events:
@@ -219,12 +231,18 @@ class Loop:
                         timer.callback()
                 for _ in range(len(soon)):
                     soon.popleft()()
+                scheduled = aloop._scheduled
+                if guest_ready or (scheduled and scheduled[0]._when <= now):
+                    guest.step()
                 if self.on_tick is not None:
                     self.on_tick(now)
         finally:
             self._stopping = False
+            if entered:
+                guest.exit()
 
     def close(self) -> None:
+        self.guest.close()
         self._restore_signals()
         self._callbacks.clear()
         self._epoll.close()

@@ -60,6 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from octopus.core.asynchooks import adopt
 from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
 from octopus.core.loop import EPOLLIN, EPOLLOUT, accept_waiting
 from octopus.handoff.evacuation import ANSWER_TIMEOUT, Evacuation
@@ -243,7 +244,9 @@ class _Taker:
         self.loop.register(fd, _PAUSED, _ignore)
         conn._connected = True  # close() now pairs with resume()
         try:
-            conn.resume(state)
+            result = conn.resume(state)
+            if result is not None:  # async def resume(): the first hook task
+                adopt(conn, result, conn.resume)
         except Exception:
             app_log.error("Error in resume() of %r: it stays in its old worker", conn,
                           exc_info=True)
@@ -317,7 +320,4 @@ class _Taker:
         self.loop.unregister(conn._fd)
         conn._state = CLOSED
         conn._close_socket()
-        try:
-            conn.close()
-        except Exception:
-            app_log.error("Error in close() of %r", conn, exc_info=True)
+        conn._run_close()

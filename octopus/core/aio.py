@@ -1,0 +1,173 @@
+"""asyncio as a guest on the worker's loop.
+
+Every worker loop carries a stock ``asyncio.SelectorEventLoop`` (the guest).
+It never runs a loop of its own: its epoll instance is one more descriptor in
+the worker's epoll set, and the worker steps it (one ``_run_once`` with a
+zero timeout) when that descriptor is readable, when the guest has callbacks
+ready, or when its first timer is due. Facts this relies on:
+
+- An epoll fd is readable while any descriptor registered in it is ready, so
+  the guest's sockets (asyncpg's, redis's, its self-pipe for
+  ``call_soon_threadsafe``) wake the worker's ``epoll_wait`` through it.
+- ``call_soon``/``create_task`` from the loop's thread only append to
+  ``_ready``, and ``call_later`` only pushes on ``_scheduled``: neither wakes
+  anything, so the worker looks at both once per iteration (two length tests;
+  ``_scheduled`` may be replaced by ``_run_once``, so it is read each time).
+- ``_run_once`` blocks in ``select()`` unless ``_ready`` is non-empty or
+  ``_stopping`` is set: the guest keeps ``_stopping`` set for good, so a step
+  never blocks (``run_forever`` is never called on it).
+- ``asyncio.get_running_loop()`` reads a per-thread slot: ``enter()`` sets it
+  for as long as the worker runs, so every hook, plain or async, finds the
+  guest there, at no cost per message. ``_thread_id`` set makes
+  ``is_running()`` true, which eager tasks (3.12+) need.
+
+Connections whose hooks are plain never touch the guest. Why not the other
+designs: making the worker loop an ``asyncio`` loop subclass would route the
+connection fast path through ``Handle`` objects and ``add_reader`` (1-2 µs per
+readiness event), and a loop in a side thread costs a thread hop per await
+and contends for the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import selectors
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger("octopus.worker")
+app_log = logging.getLogger("octopus.app")
+
+# Seconds a stopping worker waits for pending handlers and close() coroutines
+# after its loop ended (graceful stops waited for handlers before that).
+FINISH_SECONDS = 1.0
+
+if sys.version_info >= (3, 12):
+    def _task_maker(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.Task[Any]]:
+        # eager_task_factory's Task: the first step runs now, in the caller;
+        # a coroutine that never suspends is done before the call returns.
+        return functools.partial(asyncio.Task, loop=loop, eager_start=True)
+else:
+    def _task_maker(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.Task[Any]]:
+        return loop.create_task
+
+
+class Guest:
+    """The worker's asyncio loop, stepped by the worker's own loop."""
+
+    def __init__(self) -> None:
+        self.aloop = aloop = asyncio.SelectorEventLoop(selectors.EpollSelector())
+        aloop.set_exception_handler(_log_exception)
+        aloop._stopping = True  # type: ignore[attr-defined]  # a step never blocks
+        self.ready = aloop._ready  # type: ignore[attr-defined]  # a deque, never replaced
+        self.fd = aloop._selector.fileno()  # type: ignore[attr-defined]
+        self.task: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]] = _task_maker(aloop)
+        # Hook tasks not done yet (receive, connect, close ...): a stopping
+        # worker waits for them (FINISH_SECONDS) before it cancels the rest.
+        self.pending: set[asyncio.Task[Any]] = set()
+        self._entered = False
+        self._saved: tuple[Any, ...] = ()
+
+    def step(self, mask: int = 0) -> None:
+        """One guest iteration: poll its fds (no wait), run what is ready."""
+        self.aloop._run_once()  # type: ignore[attr-defined]
+
+    def enter(self) -> bool:
+        """Make the guest this thread's running loop; False if it already is."""
+        if self._entered:
+            return False
+        self._entered = True
+        aloop = self.aloop
+        self._saved = (asyncio.events._get_running_loop(), sys.get_asyncgen_hooks(),
+                       warnings.showwarning)
+        aloop._thread_id = threading.get_ident()  # type: ignore[attr-defined]
+        sys.set_asyncgen_hooks(firstiter=aloop._asyncgen_firstiter_hook,  # type: ignore[attr-defined]
+                               finalizer=aloop._asyncgen_finalizer_hook)  # type: ignore[attr-defined]
+        asyncio.events._set_running_loop(aloop)
+        warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+        return True
+
+    def exit(self) -> None:
+        if not self._entered:
+            return
+        self._entered = False
+        running, hooks, showwarning = self._saved
+        self._saved = ()
+        asyncio.events._set_running_loop(running)
+        sys.set_asyncgen_hooks(*hooks)
+        warnings.showwarning = showwarning
+        self.aloop._thread_id = None  # type: ignore[attr-defined]
+
+    def finish(self, seconds: float = FINISH_SECONDS) -> None:
+        """The worker's loop has ended: let pending hook tasks (close() ones,
+        and handlers cancelled as their connection closed) complete, then
+        cancel every task left and give them a last chance to unwind."""
+        deadline = time.monotonic() + seconds
+        self._run_while(lambda: bool(self.pending), deadline)
+        tasks = [task for task in asyncio.all_tasks(self.aloop) if not task.done()]
+        for task in tasks:
+            task.cancel()
+        self._run_while(lambda: any(not task.done() for task in tasks),
+                        time.monotonic() + seconds)
+        for task in tasks:
+            if not task.done():
+                log.warning("task %r did not end when cancelled at shutdown", task)
+
+    def _run_while(self, condition: Callable[[], bool], deadline: float) -> None:
+        """Step the guest on its own, waiting for its I/O, until ``condition``
+        fails or ``deadline`` passes."""
+        aloop = self.aloop
+        while condition():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            wake = aloop.call_later(left, _nothing)
+            aloop._stopping = False  # type: ignore[attr-defined]  # may wait now
+            try:
+                aloop._run_once()  # type: ignore[attr-defined]
+            finally:
+                aloop._stopping = True  # type: ignore[attr-defined]
+                wake.cancel()
+
+    def close(self) -> None:
+        self.exit()
+        aloop = self.aloop
+        if aloop.is_closed():
+            return
+        aloop._stopping = False  # type: ignore[attr-defined]
+        try:
+            aloop.run_until_complete(asyncio.wait_for(aloop.shutdown_asyncgens(), 1.0))
+        except Exception:  # a generator that will not close: nothing more to do
+            log.debug("asynchronous generators did not close", exc_info=True)
+        aloop.close()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _log_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's errors nobody else sees (a task's exception never retrieved, a
+    failing callback): under ``octopus.app``, with the traceback."""
+    message = context.get("message") or "Unhandled error in the asyncio loop"
+    details = [f"{key}: {value!r}" for key, value in context.items()
+               if key not in ("message", "exception")]
+    exc = context.get("exception")
+    app_log.error("%s%s", message, "".join("\n  " + line for line in details),
+                  exc_info=exc if isinstance(exc, BaseException) else None)
+
+
+def _show_warning(previous: Callable[..., None], message: Warning | str,
+                  category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """A coroutine never awaited is an application error: log it as one."""
+    if issubclass(category, RuntimeWarning) and "was never awaited" in str(message):
+        app_log.error("%s (%s:%d)", message, filename, lineno)
+    else:
+        previous(message, category, filename, lineno, file, line)
