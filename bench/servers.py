@@ -84,6 +84,10 @@ SERVERS: dict[str, ServerSpec] = {
         ServerSpec("octopus-line", (PY, str(PEERS / "octopus_echo.py"), "--framing", "line"),
                    octopus=True),
         ServerSpec("octopusd", octopusd("octopus_echo:Echo"), octopus=True),
+        # Admission control on, its limits never reached: what an admitted connection pays.
+        ServerSpec("octopusd-admission", (*octopusd("octopus_echo:Echo"),
+                                          "--per-ip-connections", "1000000000",
+                                          "--per-ip-rate", "1000000000"), octopus=True),
         ServerSpec("asyncio-bcast", (PY, str(PEERS / "asyncio_broadcast.py")),
                    kind="broadcast", max_workers=1),
         ServerSpec("uvloop-bcast", (PY, str(PEERS / "uvloop_broadcast.py")),

@@ -7,6 +7,11 @@ Commands: ``/nick NEW`` renames you. Everyone sees who joins and leaves.
     octopusd start --app chat:ChatConnection --bind 127.0.0.1:9877   # from examples/
 
 Try it with ``nc 127.0.0.1 9877`` in two terminals.
+
+With ``reload_handoff = true`` a reload keeps everyone connected, nicknames
+included: ``suspend()`` (old code) returns what a connection must remember and
+``resume()`` (new code, in the new worker) takes it back, in place of
+``connect()``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ class ChatConnection(SocketConnection):
             self._rename(text[len("/nick"):].strip())
         elif text:
             self.broadcast(f"{self.nick}: {text}".encode())
+
+    def suspend(self) -> dict[str, str | None]:
+        return {"nick": self.nick}
+
+    def resume(self, state: dict[str, str | None]) -> None:
+        self.nick = state["nick"]
 
     def close(self) -> None:
         if self.nick is not None:

@@ -58,14 +58,41 @@ def config_option(command: Callable[..., Any]) -> Callable[..., Any]:
                         help="TOML config file (flat top-level keys).")(command)
 
 
+def all_settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--config``, ``--set`` and an option per setting: what start, check and config take."""
+    command = settings_options(command)
+    command = click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                           help="Any setting, e.g. --set idle_timeout=30.")(command)
+    return config_option(command)
+
+
 def load_settings(config_file: str | None, assignments: tuple[str, ...] = (),
                   options: dict[str, Any] | None = None) -> tuple[config.Settings, dict[str, Any]]:
-    """Settings and the CLI overrides that made them (kept for reload)."""
+    """Settings and the CLI overrides that made them (kept for reload).
+
+    A repeatable option takes a comma-separated list as well (``--tls-alpn
+    h2,chat/1`` is ``--tls-alpn h2 --tls-alpn chat/1``)."""
     overrides: dict[str, Any] = dict(config.parse_assignment(a) for a in assignments)
     for name, value in (options or {}).items():
         if value is not None and value != ():
-            overrides[name] = list(value) if isinstance(value, tuple) else value
+            overrides[name] = _split_commas(value) if isinstance(value, tuple) else value
     return config.load(config_file, overrides), overrides
+
+
+def _split_commas(values: tuple[str, ...]) -> list[str]:
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def check_paths(settings: config.Settings) -> None:
+    """What start would meet with the files it writes and reads, found now:
+    the log file, the pidfile and the TLS files. OctopusError with one line."""
+    from octopus.transports import tls
+
+    if settings.log_file:
+        logs.check_file(settings.log_file)
+    if settings.pidfile:
+        pidfile.check(settings.pidfile)
+    tls.check(settings)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,10 +102,7 @@ def main() -> None:
 
 
 @main.command()
-@config_option
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
-              help="Any setting, e.g. --set idle_timeout=30.")
-@settings_options
+@all_settings_options
 def start(config_file: str | None, assignments: tuple[str, ...], **options: Any) -> None:
     """Start the master and its workers (in the foreground unless --daemon)."""
     from octopus.master import Master
@@ -86,6 +110,7 @@ def start(config_file: str | None, assignments: tuple[str, ...], **options: Any)
     settings, overrides = load_settings(config_file, assignments, options)
     if not settings.app:
         raise UserError("no application: pass --app MODULE:CLASS or set app in the config")
+    check_paths(settings)
 
     def run(on_ready: Callable[[], None] | None = None) -> None:
         logs.configure(settings.log_level, settings.log_file, settings.log_format)
@@ -94,6 +119,9 @@ def start(config_file: str | None, assignments: tuple[str, ...], **options: Any)
     if settings.daemon:
         from octopus.supervisor.daemon import daemonize
 
+        if not settings.log_file:
+            click.echo("octopusd: warning: --daemon without log_file: the log is discarded "
+                       "once detached (set log_file)", err=True)
         daemonize(run, [])
     else:
         run()
@@ -110,11 +138,12 @@ def _pid_file(config_file: str | None, path: str | None) -> str:
 
 
 def _running_pid(config_file: str | None, path: str | None) -> tuple[int, str]:
+    """The master the pidfile names, once it is proven to be this server's master."""
     path = _pid_file(config_file, path)
-    pid = pidfile.read_pid(path)
-    if pid is None:
-        raise UserError(f"not running (no live process in pidfile {path})", NOT_RUNNING)
-    return pid, path
+    try:
+        return pidfile.find_master(path, control.control_path(path)), path
+    except pidfile.NotRunning as exc:
+        raise UserError(str(exc), NOT_RUNNING) from None
 
 
 def pidfile_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -131,13 +160,7 @@ def pidfile_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def stop(config_file: str | None, pid_path: str | None, timeout: float | None,
          quick: bool) -> None:
     """Stop the master: gracefully (SIGTERM), or at once with --quick (SIGINT)."""
-    try:
-        pid, _ = _running_pid(config_file, pid_path)
-    except UserError as exc:
-        if exc.exit_code != NOT_RUNNING:
-            raise
-        click.echo(f"octopusd: {exc.format_message()}", err=True)
-        return
+    pid, _ = _running_pid(config_file, pid_path)
     if timeout is None:
         timeout = (load_settings(config_file)[0].graceful_timeout if config_file else 30) + 10
     os.kill(pid, signal.SIGINT if quick else signal.SIGTERM)
@@ -159,10 +182,59 @@ def _alive(pid: int) -> bool:
 
 @main.command()
 @pidfile_options
-def reload(config_file: str | None, pid_path: str | None) -> None:
-    """Reload: new workers with fresh code, then retire the old ones (SIGHUP)."""
-    pid, _ = _running_pid(config_file, pid_path)
+@click.option("--no-wait", is_flag=True, help="Only send SIGHUP; do not wait for the outcome.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for the new generation.")
+def reload(config_file: str | None, pid_path: str | None, no_wait: bool,
+           timeout: float) -> None:
+    """Reload: new workers with fresh code, then retire the old ones (SIGHUP).
+
+    Waits until the new generation serves (exit 0), or until the reload has
+    failed and the old generation serves on (exit 1, with the reason).
+    """
+    pid, path = _running_pid(config_file, pid_path)
+    if no_wait:
+        os.kill(pid, signal.SIGHUP)
+        return
+    ctl = control.control_path(path)
+    before = _ask_master(pid, ctl)["reload"]
     os.kill(pid, signal.SIGHUP)
+    snapshot = _wait_for_reload(pid, ctl, before, timeout)
+    outcome, generation = snapshot["reload"], snapshot["master"]["generation"]
+    if outcome["status"] != "ok":
+        raise UserError(f"reload failed: {outcome['error']}; generation {generation} "
+                        "serves on")
+    click.echo(f"reloaded: generation {generation} serving")
+
+
+def _ask_master(pid: int, ctl: str) -> dict[str, Any]:
+    try:
+        return control.query(ctl)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"master {pid} does not answer on its control socket: {exc}") from None
+
+
+def _wait_for_reload(pid: int, ctl: str, before: dict[str, Any],
+                     timeout: float) -> dict[str, Any]:
+    """The first status whose reload outcome answers a request made after ``before``."""
+    asked = before.get("requested")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            snapshot = control.query(ctl)
+        except (OSError, ValueError):
+            if not _alive(pid):
+                raise UserError(f"master {pid} exited before the reload finished") from None
+            snapshot = None  # busy: ask again
+        if snapshot is not None:
+            outcome = snapshot["reload"]
+            if (outcome.get("answered", 0) > asked if asked is not None
+                    else outcome["time"] != before["time"]):  # a master without the count
+                return snapshot
+        if time.monotonic() >= deadline:
+            raise UserError(f"reload not finished after {timeout:g}s (master {pid} is still "
+                            "booting the new workers; see status)")
+        time.sleep(0.05)
 
 
 @main.command()
@@ -228,18 +300,24 @@ def _echo_totals(totals: dict[str, Any]) -> None:
 
 
 @main.command()
-@config_option
-@click.option("--app", metavar="MODULE:CLASS", help="The application to import.")
-def check(config_file: str | None, app: str | None) -> None:
-    """Validate the configuration and import the application; bind nothing."""
+@all_settings_options
+def check(config_file: str | None, assignments: tuple[str, ...], **options: Any) -> None:
+    """Validate the settings, the files they name and the application; bind nothing."""
     from octopus.importer import import_app, prepare_path
     from octopus.supervisor import privileges
-    from octopus.transports import tls
 
-    settings, _ = load_settings(config_file, options={"app": app})
+    settings, _ = load_settings(config_file, assignments, options)
     privileges.check(settings.user, settings.group)
-    tls.check(settings)
+    check_paths(settings)
     prepare_path(settings.chdir, settings.pythonpath)
     cls = import_app(settings.app)
     click.echo(f"ok: {settings.app} ({cls.__module__}.{cls.__qualname__}), "
                f"{settings.workers} worker(s), bind {', '.join(settings.bind)}")
+
+
+@main.command(name="config")
+@all_settings_options
+def show_config(config_file: str | None, assignments: tuple[str, ...], **options: Any) -> None:
+    """Print the effective settings as TOML (that --config accepts back)."""
+    settings, _ = load_settings(config_file, assignments, options)
+    click.echo(config.render_effective(settings), nl=False)

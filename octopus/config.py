@@ -45,17 +45,39 @@ def _maybe_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _positive_int(value: object) -> int:
-    number = _maybe_int(value)
-    if number is None or number < 1:
-        raise _expected("a positive integer", value)
-    return number
+# Upper bounds. Every number a user gives has one, so that a typo is one line
+# at start (or a failed reload), never an OverflowError deep in a system call.
+MAX_BACKLOG = 65535  # listen() takes an int; the kernel caps it at net.core.somaxconn
+MAX_WORKERS = 128  # half the scoreboard's slots: a reload runs two generations at once
+MAX_SECONDS = 31_536_000.0  # a year: any longer timeout is a typo
+GiB = 2**30
+
+
+def _at_most(maximum: float, value: object) -> ValueError:
+    return ValueError(f"expected at most {maximum:.0f}, got {value!r}")
+
+
+def _positive_int(maximum: int) -> Parser:
+    def parse(value: object) -> int:
+        number = _maybe_int(value)
+        if number is None or number < 1:
+            raise _expected("a positive integer", value)
+        if number > maximum:
+            raise _at_most(maximum, value)
+        return number
+
+    return parse
+
+
+_LIMIT_MAX = 10**9  # per_ip_connections, per_ip_rate: far above any real client
 
 
 def _count(value: object) -> int:
     number = _maybe_int(value)
     if number is None or number < 0:
         raise _expected("an integer >= 0", value)
+    if number > _LIMIT_MAX:
+        raise _at_most(_LIMIT_MAX, value)
     return number
 
 
@@ -63,6 +85,8 @@ def _rate(value: object) -> float:
     number = _maybe_float(value)
     if number is None or number < 0:
         raise _expected("a number >= 0", value)
+    if number > _LIMIT_MAX:
+        raise _at_most(_LIMIT_MAX, value)
     return number
 
 
@@ -103,11 +127,13 @@ def _gid(name: str) -> int:
 
 def _workers(value: object) -> int:
     if value == "auto":
-        return os.cpu_count() or 1
-    try:
-        return _positive_int(value)
-    except ValueError:
-        raise _expected('a positive integer or "auto"', value) from None
+        return min(os.cpu_count() or 1, MAX_WORKERS)
+    number = _maybe_int(value)
+    if number is None or number < 1:
+        raise _expected('a positive integer or "auto"', value)
+    if number > MAX_WORKERS:
+        raise _at_most(MAX_WORKERS, value)
+    return number
 
 
 def _maybe_float(value: object) -> float | None:
@@ -127,6 +153,8 @@ def _seconds(positive: bool) -> Parser:
         number = _maybe_float(value)
         if number is None or number < 0 or (positive and number == 0):
             raise _expected(what, value)
+        if number > MAX_SECONDS:
+            raise _at_most(MAX_SECONDS, value)
         return number
 
     return parse
@@ -222,7 +250,7 @@ def _networks(value: object) -> tuple[str, ...]:
 def _identity(value: object) -> str | int:
     """A user or group: a name, or a numeric id (an int or a string of digits)."""
     number = _maybe_int(value)
-    if number is not None and number >= 0:
+    if number is not None and 0 <= number < 2**32 - 1:  # (uid_t) -1 means "no change"
         return number
     if isinstance(value, str) and value.strip() and number is None:
         return value.strip()
@@ -236,6 +264,10 @@ def _octal(value: object) -> int:
             or int(value, 8) > 0o777:
         raise _expected('a string of octal digits such as "0660"', value)
     return int(value, 8)
+
+
+def _octal_text(mode: int) -> str:
+    return f"{mode:04o}"
 
 
 def _broadcast(value: object) -> str:
@@ -260,6 +292,11 @@ class Setting:
     metavar: str = "VALUE"
     multiple: bool = False  # the CLI option may be repeated (values form a list)
     example: object = None  # shown in conf/octopus.toml for settings unset by default
+    # Set (not commented out) in conf/octopus.toml, which systemd/octopusd.service
+    # reads: the value that fits the unit.
+    shipped: object = None
+    # The parsed value written back as ``parse`` reads it (``octopusd config``).
+    unparse: Callable[[Any], object] = lambda value: value
 
     @property
     def flag(self) -> str:
@@ -294,17 +331,17 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 'or fd://N, each optionally followed by the flags "tls" and "proxy" '
                 '("0.0.0.0:9443 proxy tls"). A list or one address; sockets passed by '
                 "systemd (LISTEN_FDS) take its place.", "ADDR", multiple=True),
-        Setting("backlog", _positive_int, 2048,
+        Setting("backlog", _positive_int(MAX_BACKLOG), 2048,
                 "Listen backlog: connections the kernel queues before they are accepted.",
                 "N"),
         Setting("socket_mode", _octal, "0600",
                 "File mode of the Unix sockets octopus creates, as a string of octal "
-                "digits.", "MODE"),
+                "digits.", "MODE", unparse=_octal_text),
     )),
     ("Workers", (
         Setting("workers", _workers, 1,
                 'Number of worker processes, or "auto" for one per CPU.', "N"),
-        Setting("max_connections", _positive_int, 10000,
+        Setting("max_connections", _positive_int(2**20), 10000,
                 "Connections per worker; beyond it the worker stops accepting and new "
                 "clients wait in the backlog.", "N"),
         Setting("timeout", _seconds(positive=True), 30,
@@ -319,7 +356,7 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "what the class's suspend() returns, handed to resume() in the new code. "
                 "TLS connections cannot move and drain as before. Takes effect for "
                 "workers started with it on."),
-        Setting("threads", _positive_int, 4,
+        Setting("threads", _positive_int(1024), 4,
                 "Threads in each worker's pool for run_in_thread() (blocking calls off "
                 "the event loop). The pool starts on first use: a worker that never "
                 "uses it has no threads.", "N"),
@@ -329,15 +366,21 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 'Framing when the connection class sets none: "raw" (each read as it '
                 'arrived), "line" (newline-delimited) or "length" (4-byte big-endian '
                 "length prefix).", "raw|line|length"),
-        Setting("max_message_size", _positive_int, 1048576,
+        Setting("max_message_size", _positive_int(GiB), 1048576,
                 "Largest framed message in bytes; one byte more ends the connection.",
                 "BYTES"),
-        Setting("max_write_buffer", _positive_int, 33554432,
+        Setting("max_write_buffer", _positive_int(64 * GiB), 33554432,
                 "Bytes pending for one connection before it is disconnected as a slow "
                 "consumer.", "BYTES"),
         Setting("idle_timeout", _seconds(positive=False), 0,
                 "Seconds without input before a connection is closed; 0 never closes it.",
                 "SECONDS"),
+        Setting("linger_timeout", _seconds(positive=False), 2,
+                "Seconds a closing connection waits for the peer's EOF after the "
+                "server's FIN, reading and discarding what still arrives: closing with "
+                "unread input would send an RST, which can destroy the reply the peer "
+                "has not read yet. A stop with idle clients connected takes up to this "
+                "long. 0 closes at once.", "SECONDS"),
     )),
     ("Privileges", (
         Setting("user", _optional(_identity), None,
@@ -348,12 +391,13 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "GROUP", example="nogroup"),
         Setting("umask", _optional(_octal), None,
                 "Umask of the workers, as a string of octal digits.",
-                "MODE", example="0022"),
+                "MODE", example="0022", unparse=_octal_text),
     )),
     ("Process", (
         Setting("pidfile", _optional(_text), None,
                 "File the master writes its pid to; stop, reload and status read it.",
-                "PATH", example="/run/octopusd.pid"),
+                "PATH", example="/run/octopus/octopusd.pid",
+                shipped="/run/octopus/octopusd.pid"),
         Setting("daemon", _bool, False,
                 "Detach and run in the background; start returns once the server "
                 "accepts."),
@@ -362,8 +406,9 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
         Setting("log_level", _choice("debug", "info", "warning", "error", "critical"),
                 "info", "Lowest level logged.", "LEVEL"),
         Setting("log_file", _optional(_text), None,
-                "File to log to instead of stderr; reopened on SIGUSR1.",
-                "PATH", example="/var/log/octopusd.log"),
+                "File to log to instead of stderr (under systemd, stderr goes to the "
+                "journal); reopened on SIGUSR1.",
+                "PATH", example="/var/log/octopus/octopusd.log"),
         Setting("log_format", _choice("text", "json"), "text",
                 'Log line format: "text", or "json" for one JSON object a line.',
                 "text|json"),
@@ -488,6 +533,7 @@ class Settings:
     max_message_size: int
     max_write_buffer: int
     idle_timeout: float
+    linger_timeout: float
     user: str | int | None
     group: str | int | None
     umask: int | None
@@ -630,6 +676,8 @@ def toml_value(value: object) -> str:
 _HEADER = """\
 # octopus configuration: TOML with flat top-level keys (octopusd --config FILE).
 # Every setting is shown with its default, commented out; uncomment to change.
+# Only pidfile is set: systemd/octopusd.service and this file work together as
+# they are (/etc/octopus/octopus.toml; logs go to the journal).
 # The command line overrides this file: each setting is also an option
 # (--max-connections 500), and --set NAME=VALUE takes any of them.
 # "octopusd reload" re-reads this file. Generated from octopus/config.py.
@@ -644,10 +692,28 @@ def render_example() -> str:
         for setting in group:
             lines += textwrap.wrap(setting.doc, 78, initial_indent="# ",
                                    subsequent_indent="# ")
-            if setting.default is None:
+            if setting.shipped is not None:
+                lines.append("# Set for systemd/octopusd.service (its RuntimeDirectory); "
+                             "unset by default.")
+                lines.append(f"{setting.name} = {toml_value(setting.shipped)}")
+            elif setting.default is None:
                 example = toml_value(setting.example)
                 lines.append(f"# {setting.name} = {example}  # an example; unset by default")
             else:
                 lines.append(f"# {setting.name} = {toml_value(setting.default)}")
             lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render_effective(settings: Settings) -> str:
+    """``settings`` as a TOML file that ``load`` reads back to the same settings
+    (``octopusd config``): every setting, those unset as comments."""
+    source = settings.config_file or "defaults"
+    lines = [f"# octopus settings in effect (from {source} and the command line)."]
+    for setting in SETTINGS:
+        value = getattr(settings, setting.name)
+        if value is None:
+            lines.append(f"# {setting.name} is unset")
+        else:
+            lines.append(f"{setting.name} = {toml_value(setting.unparse(value))}")
+    return "\n".join(lines) + "\n"

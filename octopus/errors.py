@@ -18,4 +18,11 @@ class BindError(OctopusError):
 
 
 class AppImportError(OctopusError):
-    """The application (``module:Class``) could not be imported."""
+    """The application (``module:Class``) could not be imported.
+
+    ``details``: the full traceback when the application's own code raised,
+    for the log (the one line names the file and line)."""
+
+    def __init__(self, message: str, details: str | None = None) -> None:
+        super().__init__(message)
+        self.details = details

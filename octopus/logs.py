@@ -14,6 +14,8 @@ import sys
 import time
 from typing import TextIO
 
+from octopus.errors import ConfigError
+
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
@@ -45,6 +47,8 @@ class ReopenableFileHandler(logging.StreamHandler[TextIO]):
         return open(self.path, "a", buffering=1, encoding="utf-8")
 
     def reopen(self) -> None:
+        """Switch to a fresh file at ``path``; OSError (its directory gone, a
+        directory in its place) leaves the old stream in use."""
         self.acquire()
         try:
             old, self.stream = self.stream, self._open()
@@ -62,24 +66,60 @@ class ReopenableFileHandler(logging.StreamHandler[TextIO]):
 
 
 def configure(level: str = "info", log_file: str | None = None, fmt: str = "text") -> None:
-    """Send the ``octopus`` loggers to stderr or ``log_file``; replaces earlier setup."""
+    """Send the ``octopus`` loggers to stderr or ``log_file``; replaces earlier setup.
+
+    ConfigError (one line) when ``log_file`` cannot be opened; the earlier
+    setup is then kept."""
+    handler: logging.Handler
+    if log_file:
+        try:
+            handler = ReopenableFileHandler(os.path.abspath(log_file))
+        except OSError as exc:
+            raise ConfigError(f"log_file: cannot open {log_file}: {_why(log_file, exc)}") \
+                from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     root = logging.getLogger("octopus")
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
-    handler: logging.Handler
-    if log_file:
-        handler = ReopenableFileHandler(os.path.abspath(log_file))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False
 
 
+def check_file(log_file: str) -> None:
+    """ConfigError (one line) unless ``log_file`` could be opened for appending:
+    what ``configure`` would meet, found without creating the file."""
+    path = os.path.abspath(log_file)
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"log_file: cannot open {log_file}: is a directory")
+    if not os.path.isdir(parent):
+        raise ConfigError(f"log_file: cannot open {log_file}: directory {parent} "
+                          "does not exist")
+    target = path if os.path.exists(path) else parent
+    if not os.access(target, os.W_OK):
+        raise ConfigError(f"log_file: cannot open {log_file}: permission denied")
+
+
+def _why(log_file: str, exc: OSError) -> str:
+    """Why ``log_file`` could not be opened, in words."""
+    parent = os.path.dirname(os.path.abspath(log_file))
+    if isinstance(exc, FileNotFoundError) and not os.path.isdir(parent):
+        return f"directory {parent} does not exist"
+    return (exc.strerror or str(exc)).lower()
+
+
 def reopen() -> None:
-    """Reopen every log file (SIGUSR1)."""
+    """Reopen every log file (SIGUSR1). One that cannot be reopened is kept,
+    and the reason goes to it: a logrotate mistake must not stop the server."""
     for handler in logging.getLogger("octopus").handlers:
         if isinstance(handler, ReopenableFileHandler):
-            handler.reopen()
+            try:
+                handler.reopen()
+            except OSError as exc:
+                logging.getLogger("octopus").error(
+                    "cannot reopen log file %s: %s; still logging to the old file",
+                    handler.path, _why(handler.path, exc))

@@ -81,7 +81,15 @@ class Master:
         self.boot_failures = 0
         self.next_spawn_at = 0.0
         self.restarts: dict[int, int] = {}
-        self.reload_status: dict[str, Any] = {"status": "ok", "error": None, "time": None}
+        self.reload_status: dict[str, Any] = {"status": "ok", "error": None, "time": None,
+                                              "answered": 0}
+        # Reload requests (SIGHUP) counted, and the one the running reload answers:
+        # every request up to it was made before that reload read the config.
+        # ``octopusd reload`` waits for an outcome answering a request above the
+        # count it saw before signalling.
+        self.reload_requests = 0
+        self._reload_answers = 0
+        self._reload_again = False  # a request came while a reload was running
         self._handing_off: set[int] = set()  # pids of the last reload's workers yet to report
         self.started = time.time()
         self._signals = SignalQueue()
@@ -94,6 +102,7 @@ class Master:
         self.metrics = MasterMetrics()
         self.metrics_listener: Listener | None = None
         self._servers: list[RequestServer] = []  # control and metrics, on self._selector
+        self.watchdog = systemd.Watchdog()
 
     def run(self) -> None:
         """Serve until stopped; OctopusError when the first workers cannot boot."""
@@ -105,14 +114,15 @@ class Master:
             if self.settings.pidfile:
                 # Before binding: a second start on a live pidfile is "already
                 # running", not "address already in use".
-                pidfile.create(self.settings.pidfile)
+                pidfile.create(self.settings.pidfile, control_path(self.settings.pidfile))
                 created_pidfile = True
-            self._serve_metrics()
-            self._bind_initial()
-            if self.settings.pidfile:
+                # At once: the control socket is what proves to the commands
+                # that the pid in the file is this master.
                 self.control = ControlServer(control_path(self.settings.pidfile),
                                              self._selector, self.snapshot)
                 self._servers.append(self.control.server)
+            self._serve_metrics()
+            self._bind_initial()
             self._signals.install(self._selector)
             set_title(f"octopusd: master [{self.settings.app or 'octopus'}]")
             log.info("master %d started; %d worker(s)", self.pid, self.num_workers)
@@ -120,6 +130,7 @@ class Master:
                 self._dispatch_signals()
                 self.reap_workers()
                 self.manage_workers()
+                self.watchdog.ping(time.monotonic())
                 if self.stopping and not self.workers:
                     break
                 self._wait()
@@ -196,6 +207,7 @@ class Master:
         """Reaping happens in ``reap_workers``, right after dispatch."""
 
     def handle_hup(self) -> None:
+        self.reload_requests += 1
         self.reload()
 
     def handle_term(self) -> None:
@@ -244,6 +256,8 @@ class Master:
         if self.next_spawn_at > now:
             deadlines.append(self.next_spawn_at)
         deadlines += [t for s in self._servers if (t := s.next_deadline()) is not None]
+        if self.watchdog.interval is not None:
+            deadlines.append(self.watchdog.next_at)
         # Heartbeats are checked at least a few times per timeout.
         soonest = min(deadlines, default=now + 1.0)
         return max(0.0, min(soonest - now, 1.0, self.settings.timeout / 4))
@@ -434,6 +448,9 @@ class Master:
             return
         if self.pending is not None:
             self._check_reload(now)
+        if self.pending is None and self._reload_again:
+            self._reload_again = False
+            self.reload()
         if now >= self.next_spawn_at:
             present = {w.index for w in self._generation(self.generation) if not w.retiring}
             for index in range(self.num_workers):
@@ -486,9 +503,13 @@ class Master:
             self._reload_when_booted = True
             return
         if self.pending is not None:
-            log.warning("SIGHUP: a reload is already in progress")
+            log.info("SIGHUP: a reload is in progress; reloading again once it ends")
+            self._reload_again = True
             return
-        systemd.notify("RELOADING=1\nSTATUS=reloading")
+        self._reload_answers = self.reload_requests
+        # MONOTONIC_USEC: what Type=notify-reload (systemd 253+) matches to its signal.
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
+                       "STATUS=reloading")
         log.info("SIGHUP: reloading")
         try:
             settings = self.settings
@@ -501,6 +522,10 @@ class Master:
             )
         except OctopusError as exc:
             self._reload_failed(str(exc))
+            return
+        except Exception as exc:  # a bug or an unforeseen error: the old workers serve on
+            log.exception("reload: unexpected error while preparing the new workers")
+            self._reload_failed(f"{type(exc).__name__}: {exc}")
             return
         self.pending = self.generation + 1
         self.pending_settings = settings
@@ -540,7 +565,8 @@ class Master:
         self.settings = self.pending_settings
         self.num_workers = self.settings.workers
         self.restarts.clear()
-        self.reload_status = {"status": "ok", "error": None, "time": time.time()}
+        self.reload_status = {"status": "ok", "error": None, "time": time.time(),
+                              "answered": self._reload_answers}
         self._handing_off = handing_off
         if handing_off:
             self.reload_status["handoff"] = {"moved": 0, "drained": 0, "failed": 0,
@@ -551,7 +577,8 @@ class Master:
 
     def _reload_failed(self, reason: str) -> None:
         log.error("reload failed: %s; the running workers keep serving", reason)
-        self.reload_status = {"status": "failed", "error": reason, "time": time.time()}
+        self.reload_status = {"status": "failed", "error": reason, "time": time.time(),
+                              "answered": self._reload_answers}
         self.metrics.reloaded(ok=False)
         if self.pending is not None:
             for worker in self._generation(self.pending):
@@ -596,8 +623,9 @@ class Master:
                        "generation": self.generation, "workers": self.num_workers,
                        "listening": [listener.name for listener in self.listeners.values()]},
             "workers": workers,
-            "reload": {key: dict(value) if isinstance(value, dict) else value
-                       for key, value in self.reload_status.items()},
+            "reload": {**{key: dict(value) if isinstance(value, dict) else value
+                          for key, value in self.reload_status.items()},
+                       "requested": self.reload_requests},
             "totals": self.metrics.totals(self),
         }
 

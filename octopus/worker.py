@@ -139,6 +139,7 @@ class Worker:
         self.max_message_size = settings.max_message_size
         self.max_write_buffer = settings.max_write_buffer
         self.idle_timeout = settings.idle_timeout
+        self.linger_timeout = settings.linger_timeout
         self.max_connections = settings.max_connections
         self.graceful_timeout = settings.graceful_timeout
         self._listen_events = EPOLLIN | (EPOLLEXCLUSIVE if exclusive else 0)
@@ -387,6 +388,22 @@ class Worker:
                 pass
         self._stopping = True
         self._stop_when_drained()
+
+    def close_listeners(self) -> None:
+        """Retire, and close this process's descriptors of the listening sockets.
+
+        A port stays bound while any process holds a descriptor of its
+        listening socket: once every holder has closed its own, a new server
+        can bind the address again. This worker serves on what it has.
+        """
+        if self._stopping:  # retiring or stopping already: the backlog was taken
+            self.pause_accepting()
+        else:
+            self.retire()
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []  # nothing may accept on a closed descriptor again
+        self._accepting.clear()
 
     def _stop_when_drained(self) -> None:
         if not self.connections:

@@ -240,7 +240,7 @@ def working_directory(pid: int) -> Path | None:
 
 def live_pid(pidfile: Path) -> int | None:
     try:
-        pid = int(pidfile.read_text().strip())
+        pid = int(pidfile.read_text().split("\n", 1)[0])  # the pid is the first line
     except (OSError, ValueError):
         return None
     try:

@@ -332,7 +332,8 @@ def test_shipped_example_is_generated() -> None:
 
 def test_example_documents_every_setting_and_loads_uncommented(tmp_path: Path) -> None:
     text = render_example()
-    assert tomllib.loads(text) == {}  # everything commented out: the defaults
+    # Everything commented out (the defaults), but what the systemd unit needs.
+    assert tomllib.loads(text) == {"pidfile": "/run/octopus/octopusd.pid"}
     uncommented = re.sub(r"(?m)^# (\w+ = )", r"\1", text)
     assigned = tomllib.loads(uncommented)
     assert list(assigned) == [setting.name for setting in SETTINGS]

@@ -220,7 +220,7 @@ class Deployment:
             [procs.OCTOPUSD, "start", "--app", "chat_app:Chat", "--workers", "2",
              "--bind", f"{ip}:0 proxy", "--bind", f"{ip}:{tls_port} proxy tls",
              "--tls-cert", self.certs.cert, "--tls-key", self.certs.key,
-             "--proxy-trusted", "127.0.0.1/32",
+             "--proxy-trusted", "127.0.0.1/32", "--pidfile", f"{name}.pid",
              "--broadcast", f"redis://127.0.0.1:{redis_port}/0"],
             self.cwd, procs.server_env())
         self.procs.started.append(server)
@@ -375,3 +375,25 @@ def test_two_hosts_behind_haproxy_with_one_redis(tmp_path: Path, kind: str) -> N
         chat(survivors + newcomers, survivors + newcomers, b"later")
         for client in survivors + newcomers:
             assert heard(client) == client.expected, client.name
+
+
+def test_haproxys_health_checks_are_counted_apart_and_never_reach_the_application(
+        tmp_path: Path) -> None:
+    with deployment(tmp_path) as deploy:
+        haproxy = deploy.haproxy
+        assert haproxy is not None
+        for name in HOSTS:
+            for kind in ("plain", "tls"):
+                haproxy.wait_status(f"octopus_{kind}", name, "UP")
+
+        def checked(name: str) -> dict[str, int]:
+            closes: dict[str, int] = procs.status(tmp_path / f"{name}.pid")["totals"]["closes"]
+            return closes
+
+        for name in HOSTS:  # checks every 200 ms, plain and TLS: a few have ended
+            wait_until(lambda n=name: checked(n)["health_check"] >= 4,
+                       message=f"{name}: health checks counted")
+            closes = checked(name)
+            # Nothing else ended: no client connected, and no check counted as one.
+            assert {reason: count for reason, count in closes.items()
+                    if count and reason != "health_check"} == {}, closes

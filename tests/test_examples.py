@@ -13,6 +13,7 @@ import pytest
 
 from octopus import SocketConnection
 from octopus.testing import ServerFactory
+from tests import procs
 from tests.conftest import REPO, ServerProcess, ThreadedServer
 from tests.helpers import LineClient, connect, recv_exactly, recv_until_closed, wait_until
 
@@ -168,6 +169,42 @@ def test_chat_example_under_octopusd_with_two_workers(spawn: Spawn) -> None:
     finally:
         for client in clients:
             client.close()
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0, server.log
+
+
+def test_chat_example_keeps_nicknames_across_a_hand_off_reload(
+        tmp_path: Path, spawn: Spawn) -> None:
+    pidfile = tmp_path / "chat.pid"
+    server = spawn(str(REPO / "bin" / "octopusd"), "start", "--app", "chat:ChatConnection",
+                   "--bind", "127.0.0.1:0", "--workers", "2", "--reload-handoff",
+                   "--pidfile", str(pidfile), cwd=EXAMPLES)
+    server.wait_listening()
+    server.wait_for_log("ready")
+    alice, bob = LineClient(server.address), LineClient(server.address)
+    try:
+        for client, nick in ((alice, "alice"), (bob, "bob")):
+            assert client.read_line().startswith("welcome")
+            client.send_line(nick)
+        read_until(alice, {"* alice joined", "* bob joined"})
+        read_until(bob, {"* bob joined"})
+        server.signal(signal.SIGHUP)
+
+        def moved() -> bool:
+            handoff = procs.status(pidfile)["reload"].get("handoff")
+            return handoff is not None and handoff["pending"] == 0
+
+        wait_until(moved, message=f"the hand-off to finish; log:\n{server.log}")
+        assert procs.status(pidfile)["reload"]["handoff"] == {
+            "moved": 2, "drained": 0, "failed": 0, "pending": 0}
+        # Served by the new code now, each still known by its nickname.
+        alice.send_line("still here")
+        assert read_until(bob, {"alice: still here"})[-1] == "alice: still here"
+        bob.send_line("/nick robert")
+        assert "* bob is now robert" in read_until(alice, {"* bob is now robert"})
+    finally:
+        alice.close()
+        bob.close()
     server.signal(signal.SIGTERM)
     assert server.wait() == 0, server.log
 

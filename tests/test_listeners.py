@@ -286,7 +286,7 @@ def test_from_fd_listening_socket(opened: list[Listener]) -> None:
         fd = os.dup(original.fileno())
     listener = from_fd(fd)
     opened.append(listener)
-    assert listener.name == f"fd://{fd}"
+    assert listener.name == f"fd://{fd} (127.0.0.1:{port})"
     assert listener.address == Address("fd", fd=fd)
     assert listener.sock.fileno() == fd
     assert listener.sock.getblocking() is False
@@ -297,10 +297,11 @@ def test_bind_fd_address(opened: list[Listener]) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as original:
         original.bind(("127.0.0.1", 0))
         original.listen(8)
+        port = original.getsockname()[1]
         fd = os.dup(original.fileno())
     listener = bind(f"fd://{fd}")
     opened.append(listener)
-    assert listener.name == f"fd://{fd}"
+    assert listener.name == f"fd://{fd} (127.0.0.1:{port})"
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,11 +70,37 @@ def test_a_header_split_into_single_bytes(threaded_server: Start) -> None:
         assert ask(sock, b"x\n").startswith(b"x ('2001:db8::7', 40000, 0, 0)")
 
 
-def test_local_command_keeps_the_real_peer(threaded_server: Start) -> None:
+def test_a_local_command_is_a_health_check_the_application_never_sees(
+        threaded_server: Start) -> None:
     server = threaded_server(WhoAmI, "127.0.0.1:0 proxy")
-    with connect(server.address) as sock:
-        reply = ask(sock, v2(command=0, family=0) + b"health\n")
-        assert reply == b"health %r None\n" % (sock.getsockname(),)
+    with connect(server.address) as sock:  # HAProxy's check-send-proxy, then data
+        sock.sendall(v2(command=0, family=0) + b"health\n")
+        assert recv_until_closed(sock, allow_reset=True) == b""
+    wait_until(lambda: server.worker.closes["health_check"] == 1)
+    assert sum(server.worker.closes.values()) == 1
+    assert WhoAmI.seen == [] and not server.worker.connections
+
+
+def test_a_proxy_command_without_addresses_keeps_the_real_peer(threaded_server: Start) -> None:
+    server = threaded_server(WhoAmI, "127.0.0.1:0 proxy")
+    with connect(server.address) as sock:  # PROXY, family UNSPEC: a client, address unknown
+        reply = ask(sock, v2(command=1, family=0) + b"hello\n")
+        assert reply == b"hello %r None\n" % (sock.getsockname(),)
+
+
+def test_a_tls_health_check_completes_its_handshake(threaded_server: Start,
+                                                    tmp_path: Path) -> None:
+    certs = make_certs(tmp_path)
+    server = threaded_server(WhoAmI, "127.0.0.1:0 proxy tls", **certs.settings())
+    host, _, port = server.address.rpartition(":")
+    raw = socket.create_connection((host, int(port)))
+    raw.sendall(v2(command=0, family=0))  # HAProxy's check-send-proxy check-ssl
+    with tls_connect(certs.client_context(), server.address, sock=raw) as client:
+        assert client.version() is not None  # the handshake the check waits for
+        with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+            assert client.recv(100) == b""  # then the server closes
+    wait_until(lambda: server.worker.closes["health_check"] == 1)
+    assert WhoAmI.seen == [] and server.worker.closes["tls_handshake"] == 0
 
 
 @pytest.mark.parametrize("first", [

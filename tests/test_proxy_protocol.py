@@ -50,6 +50,7 @@ def v1_info(src: tuple[str, int] | tuple[str, int, int, int],
 
 V1_LOCAL = ProxyInfo(1, True, None, None, ())
 V2_LOCAL = ProxyInfo(2, True, None, None, ())
+V2_LOCAL_COMMAND = ProxyInfo(2, True, None, None, (), balancer_own=True)  # a health check
 SSL_TLV = tlv(0x20, b"\x01\x00\x00\x00\x00" + tlv(0x21, b"TLSv1.3"))
 WORST_V1 = b"PROXY UNKNOWN " + b"f" * 39 + b" " + b"f" * 39 + b" 65535 65535\r\n"
 
@@ -74,9 +75,9 @@ VALID: list[tuple[bytes, ProxyInfo]] = [
      ProxyInfo(2, False, ("1.2.3.4", 1), ("5.6.7.8", 2),
                ((0x04, b""), (0x20, SSL_TLV[3:]), (0xE0, b"x" * 300)))),
     # LOCAL (health checks): the block is skipped, whatever the family says.
-    (v2(command=0, family=0x00), V2_LOCAL),
-    (v2(tlv(0x05, b"id"), command=0, family=0x00), V2_LOCAL),
-    (v2(b"\xff" * 5, command=0, family=0x12), V2_LOCAL),
+    (v2(command=0, family=0x00), V2_LOCAL_COMMAND),
+    (v2(tlv(0x05, b"id"), command=0, family=0x00), V2_LOCAL_COMMAND),
+    (v2(b"\xff" * 5, command=0, family=0x12), V2_LOCAL_COMMAND),
     # PROXY with an unspecified family or transport: use the real peer.
     (v2(b"", family=0x00), V2_LOCAL),
     (v2(inet("1.2.3.4", "5.6.7.8", 1, 2), family=0x10), V2_LOCAL),

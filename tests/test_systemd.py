@@ -109,7 +109,10 @@ def test_listen_fds_adopts_sockets(tmp_path: Path) -> None:
         with socket.create_connection(tcp.getsockname(), timeout=5) as client:
             data = _run_child([tcp, unix], LISTEN_FDNAMES="web:admin")
             assert client.recv(5) == b"hello"
-    assert data["names"] == ["web", "admin"]
+        host, port = tcp.getsockname()
+    # The name systemd gave, the descriptor and the address it listens on.
+    assert data["names"] == [f"web: fd://3 ({host}:{port})",
+                             f"admin: fd://4 (unix:{tmp_path / 'act.sock'})"]
     assert data["fds"] == [3, 4]
     assert data["inheritable"] == [False, False]
     assert data["env"] == []
@@ -118,7 +121,8 @@ def test_listen_fds_adopts_sockets(tmp_path: Path) -> None:
 def test_listen_fds_without_names() -> None:
     with _tcp_listener() as tcp, socket.create_connection(tcp.getsockname(), timeout=5):
         data = _run_child([tcp])
-    assert data["names"] == ["fd://3"]
+        host, port = tcp.getsockname()
+    assert data["names"] == [f"fd://3 ({host}:{port})"]
 
 
 def test_listen_fds_other_pid_ignored() -> None:

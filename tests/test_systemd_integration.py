@@ -75,6 +75,19 @@ def test_sd_notify_ready_reloading_stopping(tmp_path: Path, servers: procs.Serve
     assert server.wait() == 0
 
 
+def test_the_master_pings_the_watchdog(tmp_path: Path, servers: procs.Servers,
+                                      notifications: Notifications) -> None:
+    procs.write_app(tmp_path, procs.PID_APP)
+    env = procs.server_env(NOTIFY_SOCKET=str(notifications.path), WATCHDOG_USEC="400000")
+    server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0", env=env)
+    pings = 0
+    while pings < 3:  # WatchdogSec=0.4s: a ping every 0.2 s, ready or not
+        pings += notifications.next().get("WATCHDOG") == "1"
+    assert any(message.get("READY") == "1" for message in notifications.received)
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+
+
 def test_sd_notify_failed_reload_is_ready_again(tmp_path: Path, servers: procs.Servers,
                                                 notifications: Notifications) -> None:
     procs.write_app(tmp_path, procs.PID_APP)
@@ -100,7 +113,11 @@ def socket_activated(servers: procs.Servers, *args: str) -> tuple[procs.Octopusd
     # systemd-socket-activate needs a fixed port: take a free one, retry if it was taken.
     for _ in range(5):
         port = free_port()
-        server = servers.start(*args, command=["systemd-socket-activate", "-l",
+        # It passes its children only the variables named with -E: the import
+        # path too, or the octopus under test would not be the one that runs.
+        passed = [arg for key in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
+                  if key in procs.server_env() for arg in ("-E", key)]
+        server = servers.start(*args, command=["systemd-socket-activate", *passed, "-l",
                                                f"127.0.0.1:{port}"])
         wait_until(lambda s=server: s.lines or s.proc.poll() is not None,
                    message="systemd-socket-activate to listen")
@@ -129,7 +146,9 @@ def test_socket_activation(tmp_path: Path, servers: procs.Servers) -> None:
     assert pid in workers
     snapshot = procs.status(tmp_path / "octopusd.pid")
     assert snapshot["master"]["pid"] == server.pid  # exec'd in place: LISTEN_PID matches
-    assert snapshot["master"]["listening"] == ["fd://3"]
+    # The address as well as the descriptor, in the log and in status.
+    assert snapshot["master"]["listening"] == [f"fd://3 (127.0.0.1:{port})"]
+    server.wait_for_log(f"listening on fd://3 (127.0.0.1:{port})")
 
     # A reload keeps the inherited socket.
     server.signal(signal.SIGHUP)

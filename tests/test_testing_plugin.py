@@ -200,7 +200,7 @@ def test_failures_are_clear_and_stop_the_servers(pytester: pytest.Pytester) -> N
     result.stdout.fnmatch_lines([
         "*octopus_server: flaky:Flaky did not start: octopusd exited with code 1",
         "*----- server log -----",
-        "*cannot import app 'flaky:Flaky': RuntimeError: database unreachable",
+        "*cannot import app 'flaky:Flaky': RuntimeError: database unreachable (flaky.py, line 7)",
     ])
     result.stdout.fnmatch_lines([
         "*no line from 127.0.0.1:* within 0.5s; got b'partial' so far",

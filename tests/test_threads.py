@@ -205,8 +205,10 @@ def test_100_blocking_calls_overlap_while_echo_stays_fast(
     assert set(replies.values()) == {b"slept\n"}
     # 100 x 50 ms one after another would take 5 s; 32 threads take 4 rounds.
     assert 0.2 <= elapsed < 2.0, elapsed
+    # A blocking call on the loop would hold an echo for its whole 50 ms; a
+    # busy shared CPU delays a few by some milliseconds. The bound tells the two apart.
     p99 = statistics.quantiles(latencies, n=100)[98]
-    assert p99 < 0.005, f"echo p99 {p99 * 1000:.1f} ms over {len(latencies)} round trips"
+    assert p99 < 0.025, f"echo p99 {p99 * 1000:.1f} ms over {len(latencies)} round trips"
     assert "Traceback" not in server.log
 
 

@@ -28,7 +28,8 @@ outbound one, connected or not)::
 
 LINGER exists because closing a socket that still has unread input makes the
 kernel send RST instead of FIN, and an RST can make the peer drop the reply it
-has not read yet: so after our FIN we read and discard until the peer's EOF.
+has not read yet: so after our FIN we read and discard until the peer's EOF,
+for at most ``linger_timeout`` seconds.
 
 Paused reading leaves the kernel's receive buffer to fill, so TCP's window
 closes and the peer is held back. Paused is not a state of its own: it is
@@ -69,7 +70,6 @@ log = logging.getLogger("octopus.worker")
 
 OPEN, CLOSING, LINGER, CLOSED, CONNECTING = range(5)
 RECV_SIZE = 65536
-LINGER_SECONDS = 2.0
 _READABLE = EPOLLIN | EPOLLERR | EPOLLHUP
 _PAUSED = select.EPOLLET  # the read half of a paused registration (see above)
 _ALL_BUT_OUT = ~EPOLLOUT
@@ -536,7 +536,7 @@ class SocketConnection:
             return
         self._state = LINGER
         self._watch(EPOLLIN)
-        self._worker.loop.call_later(LINGER_SECONDS, self._finish)
+        self._worker.loop.call_later(self._worker.linger_timeout, self._finish)
 
     def _watch(self, events: int) -> None:
         if events != self._events:

@@ -24,6 +24,7 @@ CLOSE_REASONS = (
     "shutdown",  # the worker stopped or retired with the connection open
     "tls_handshake",  # the TLS handshake failed or timed out
     "proxy_header",  # a missing or malformed PROXY header
+    "health_check",  # a PROXY v2 LOCAL connection (a balancer's check): never the app's
 )
 
 # Why admission control refused a connection (``Worker.admission.refused``;

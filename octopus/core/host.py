@@ -26,6 +26,7 @@ class Host(Protocol):
     max_message_size: int
     max_write_buffer: int
     idle_timeout: float
+    linger_timeout: float  # seconds a closing connection waits for the peer's EOF
     broadcaster: Callable[[bytes], None]
     # Counters, read at heartbeat time.
     messages_in: int

@@ -11,12 +11,24 @@ Signals from the master (handled in the worker's loop, between callbacks):
     HUP         ignored (reload is the master's business)
     ABRT        sent by the master when the heartbeat stops: faulthandler
                 dumps every thread's traceback, then the process dies
+
+A worker never outlives its master. It watches the write end of its report
+pipe: when the last read end closes (the master died, even by SIGKILL), the
+kernel reports EPOLLERR on the write end, whatever mask was registered. The
+worker then closes its listening sockets at once, so a new master can bind
+the address, serves its open connections for up to graceful_timeout, and
+exits. The pipe exists before fork, so a master that dies before the worker's
+loop runs is still seen (the error is level-triggered). PR_SET_PDEATHSIG
+would not do: it fires when the forking *thread* ends, not the process, and
+the kernel clears it when the worker drops privileges (setuid/setgid).
 """
 
 from __future__ import annotations
 
 import faulthandler
 import importlib
+import logging
+import os
 import signal
 import sys
 
@@ -28,6 +40,7 @@ from octopus.coordination.balance import Balancer
 from octopus.coordination.scoreboard import READY, RETIRING
 from octopus.core.connection import SocketConnection
 from octopus.core.counters import collect
+from octopus.errors import AppImportError
 from octopus.handoff.handoff import Handoff
 from octopus.importer import import_app, prepare_path
 from octopus.supervisor import privileges
@@ -35,6 +48,8 @@ from octopus.supervisor.process import Target, WorkerContext
 from octopus.worker import Worker
 
 HEARTBEAT_INTERVAL = 0.1  # seconds between scoreboard writes from the loop
+
+log = logging.getLogger("octopus.worker")
 
 
 def run_app(ctx: WorkerContext) -> None:
@@ -45,7 +60,13 @@ def run_app(ctx: WorkerContext) -> None:
     """
     drop_privileges(ctx.settings)
     prepare_path(ctx.settings.chdir, ctx.settings.pythonpath)
-    serve(ctx, import_app(ctx.settings.app))
+    try:
+        connection_class = import_app(ctx.settings.app)
+    except AppImportError as exc:
+        if exc.details:  # the one line goes to the master; the whole story to the log
+            logging.getLogger("octopus.app").error("%s\n%s", exc, exc.details.rstrip("\n"))
+        raise
+    serve(ctx, connection_class)
 
 
 def run_class(connection_class: type[SocketConnection]) -> Target:
@@ -102,7 +123,16 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
         if handoff is not None:
             handoff.evacuate()
 
+    def orphaned(mask: int) -> None:
+        loop.unregister(ctx.report_fd)  # EPOLLERR stays: level-triggered
+        log.warning("worker %d (pid %d): the master is gone; closing the listeners, "
+                    "serving %d open connection(s) for up to %gs", ctx.index, os.getpid(),
+                    len(worker.connections), settings.graceful_timeout)
+        board.set_state(slot, RETIRING)
+        worker.close_listeners()
+
     loop.on_tick = heartbeat
+    loop.register(ctx.report_fd, 0, orphaned)  # 0: only EPOLLERR/EPOLLHUP
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     loop.add_signal_handler(signal.SIGTERM, lambda: worker.stop(graceful=True))
     loop.add_signal_handler(signal.SIGINT, lambda: worker.stop(graceful=False))

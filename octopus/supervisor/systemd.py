@@ -1,6 +1,7 @@
 """systemd integration: sd_notify(3) and socket activation (sd_listen_fds(3)).
 
-Both are plain protocols, so no libsystemd binding is needed:
+Both are plain protocols (the watchdog is one more sd_notify message), so no
+libsystemd binding is needed:
 
 - ``NOTIFY_SOCKET`` names an AF_UNIX datagram socket; a leading ``@`` means
   the abstract namespace (a NUL byte in sun_path). Each datagram carries
@@ -49,6 +50,25 @@ def notify(state: str) -> bool:
         log.debug("sd_notify to %r failed: %s", target, exc)
         return False
     return True
+
+
+class Watchdog:
+    """``WATCHDOG=1`` pings for ``WatchdogSec=``: systemd sets ``WATCHDOG_USEC``
+    (and ``WATCHDOG_PID``, the process meant) and, without a ping within that
+    time, kills the service and restarts it as on a failure. The master's loop
+    pings at half the interval, as sd_watchdog_enabled(3) advises, so a master
+    stuck anywhere is caught."""
+
+    def __init__(self) -> None:
+        usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID")
+        enabled = usec.isdigit() and int(usec) > 0 and pid in (None, str(os.getpid()))
+        self.interval = int(usec) / 2e6 if enabled else None
+        self.next_at = 0.0
+
+    def ping(self, now: float) -> None:
+        if self.interval is not None and now >= self.next_at:
+            notify("WATCHDOG=1")
+            self.next_at = now + self.interval
 
 
 def _unset_listen_env() -> None:

@@ -54,7 +54,9 @@ class Listener:
 
     sock: socket.socket  # listening, non-blocking
     address: Address  # as requested
-    name: str  # as bound: "127.0.0.1:43123", "[::]:9876", "unix:/run/x.sock", "fd://3"
+    # As bound: "127.0.0.1:43123", "[::]:9876", "unix:/run/x.sock"; inherited:
+    # "fd://3 (127.0.0.1:9876)", or "NAME: fd://3 (...)" with LISTEN_FDNAMES.
+    name: str
     unlink_path: str | None = None  # a Unix socket file this process created
     # (st_dev, st_ino) of unlink_path right after bind, and the pid that bound
     # it: close() removes the file only if it is still that inode, and only in
@@ -277,4 +279,8 @@ def from_fd(fd: int, name: str | None = None) -> Listener:
         sock.detach()
         raise BindError(f"cannot use {label}: socket is not listening")
     sock.setblocking(False)
-    return Listener(sock, Address("fd", fd=fd), name or label)
+    try:  # the address too: "fd://3" alone does not tell an operator where it listens
+        shown = f"{label} ({_sockname(sock)})"
+    except (OSError, UnicodeError):
+        shown = label
+    return Listener(sock, Address("fd", fd=fd), f"{name}: {shown}" if name else shown)

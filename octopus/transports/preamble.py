@@ -10,6 +10,11 @@ only then. A client that fails a stage, sends garbage or stalls is closed
 and counted (``worker.closes``), with one line in the debug log: the
 application never sees it.
 
+A PROXY v2 ``LOCAL`` header announces a connection the balancer opened
+itself, a health check: it completes the stages (a TLS check expects its
+handshake to succeed) and is then closed and counted as ``health_check``,
+without reaching the application's hooks.
+
 Bytes that arrived with the last stage (the client's first data right after
 its PROXY header or its TLS Finished) are delivered right after ``connect()``,
 since no further readiness event would announce them.
@@ -126,6 +131,7 @@ class Preamble:
         self.peer = peer  # the socket's own peer: the client, or the balancer
         self.address = peer  # what the application will see
         self.proxied_by: Any = None
+        self.health_check = False  # a v2 LOCAL header: the balancer checking on us
         self.parser = ProxyHeaderParser() if policy.proxy else None
         self.handshake: Handshake | None = None
         self.early = b""  # the client's first bytes, read with the last stage
@@ -180,7 +186,9 @@ class Preamble:
             return
         if info is NEED_DATA:
             return
-        if not info.local and info.source is not None:
+        if info.balancer_own:
+            self.health_check = True
+        elif info.source is not None:
             self.address, self.proxied_by = info.source, self.peer
         rest, self.parser = self.parser.remainder, None
         if not self._admitted():
@@ -258,6 +266,9 @@ class Preamble:
             self.worker.loop.unregister(self.fd)
 
     def _finish(self) -> None:
+        if self.health_check:
+            self._fail("health_check", "a PROXY LOCAL connection (a health check)")
+            return
         self._release()
         conn = self.worker._open(self.fd, self.address, self.sock, self)
         if conn is None:

@@ -59,6 +59,9 @@ class ProxyInfo:
     source: Address | None  # the client; None when local
     destination: Address | None  # the address the client connected to; None when local
     tlvs: tuple[tuple[int, bytes], ...]  # v2 (type, value) pairs, raw; () for v1
+    # A v2 LOCAL command: the balancer opened this connection itself (a health
+    # check), as opposed to relaying a client whose address it did not give.
+    balancer_own: bool = False
 
 
 V1_MAX: Final = 107  # "PROXY UNKNOWN <ipv6> <ipv6> 65535 65535\r\n"
@@ -82,7 +85,8 @@ _V2_INET: Final = struct.Struct("!4s4sHH")
 _V2_INET6: Final = struct.Struct("!16s16sHH")
 _V2_UNIX: Final = struct.Struct("108s108s")
 _V1_LOCAL: Final = ProxyInfo(1, True, None, None, ())
-_V2_LOCAL: Final = ProxyInfo(2, True, None, None, ())
+_V2_LOCAL: Final = ProxyInfo(2, True, None, None, ())  # PROXY with an UNSPEC family
+_V2_LOCAL_COMMAND: Final = ProxyInfo(2, True, None, None, (), balancer_own=True)
 
 
 class ProxyHeaderParser:
@@ -283,7 +287,9 @@ def _decode_v2(view: bytes | bytearray, size: int) -> ProxyInfo:
     """Decode a complete v2 header of ``size`` bytes that ``_scan_v2`` has checked."""
     family = view[13]
     block = _V2_BLOCK.get(family)
-    if view[12] & 0xF == _CMD_LOCAL or block is None:
+    if view[12] & 0xF == _CMD_LOCAL:
+        return _V2_LOCAL_COMMAND
+    if block is None:
         return _V2_LOCAL
     source: Address
     destination: Address

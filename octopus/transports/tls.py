@@ -65,7 +65,7 @@ def make_context(settings: Settings) -> ssl.SSLContext:
     try:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
     except ssl.SSLError as exc:  # before OSError, its base class
-        raise ConfigError(f"tls_cert/tls_key: {_reason(exc)}") from None
+        raise ConfigError(_pem_problem(settings.tls_cert, settings.tls_key, exc)) from None
     except FileNotFoundError as exc:
         raise ConfigError(f"tls: cannot read {exc.filename or settings.tls_cert!r}: "
                           "no such file") from None
@@ -90,6 +90,28 @@ def make_context(settings: Settings) -> ssl.SSLContext:
         context.set_alpn_protocols(list(settings.tls_alpn))
     context.sni_callback = _remember_server_name
     return context
+
+
+def _pem_problem(cert: str, key: str | None, exc: ssl.SSLError) -> str:
+    """One line naming the file at fault: OpenSSL's own words ("pem lib")
+    name neither the file nor what is wrong with it."""
+    def holds(path: str, marker: bytes) -> bool:
+        try:
+            with open(path, "rb") as file:
+                return marker in file.read(1 << 20)
+        except OSError:
+            return False
+
+    if not holds(cert, b"-----BEGIN CERTIFICATE-----"):
+        return f"tls_cert: {cert} holds no PEM certificate"
+    key_file = key or cert
+    if not holds(key_file, b"PRIVATE KEY-----"):
+        where = "tls_key" if key else "tls_cert (no tls_key given)"
+        return f"{where}: {key_file} holds no PEM private key"
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"tls_key: {key_file} is not the key of the certificate in {cert}"
+    return f"tls_cert/tls_key: cannot load {cert}" + (f" with {key}" if key else "") + \
+        f": {_reason(exc)}"
 
 
 def _reason(exc: BaseException) -> str:
