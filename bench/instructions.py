@@ -74,6 +74,11 @@ SERVERS = {server.name: server for server in (
     Server("octopus-line-pure", (PY, str(PEERS / "octopus_echo.py"), "--framing", "line"),
            env=(("OCTOPUS_PURE_PYTHON", "1"),)),
     Server("octopusd", _octopusd("--framing", "raw"), master=True),
+    # async def receive(), and the asyncio Protocol server it is measured against.
+    Server("asyncio", (PY, str(PEERS / "asyncio_echo.py"))),
+    Server("octopus-async", (PY, str(PEERS / "octopus_async_echo.py"), "--framing", "raw")),
+    Server("octopus-async-line", (PY, str(PEERS / "octopus_async_echo.py"),
+                                  "--framing", "line")),
 )}
 DEFAULT = ("c", "uvloop", "epoll", "octopus", "octopus-pure", "octopus-line",
            "octopus-line-pure", "octopusd")

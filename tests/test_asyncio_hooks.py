@@ -107,6 +107,29 @@ def test_plain_hooks_find_a_running_loop_that_serves_the_worker(
     assert LoopProbe.seen == ["connect True", "receive True", "close True"]
 
 
+class Sweeper(SocketConnection):
+    """Cancels many asyncio timers (asyncio then rebuilds its timer heap as a new
+    list), then needs one more."""
+
+    framing = "line"
+
+    def receive(self, message: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        for handle in [loop.call_later(60, self.send, b"never") for _ in range(300)]:
+            handle.cancel()
+        loop.call_later(0.01, loop.call_later, 0.01, self.send, b"after the sweep")
+
+
+def test_asyncio_timers_fire_after_asyncio_sweeps_cancelled_ones(
+        threaded_server: ServeThread) -> None:
+    server = threaded_server(Sweeper)
+    server.worker.loop.max_wait = 30  # only the asyncio timer may wake it
+    client = LineClient(server.address, timeout=3)
+    client.send_line("go")
+    assert client.read_line() == "after the sweep"
+    client.close()
+
+
 class Toolkit(SocketConnection):
     """Each line names an asyncio facility to use from an async receive()."""
 

@@ -11,8 +11,10 @@ ready, or when its first timer is due. Facts this relies on:
   ``call_soon_threadsafe``) wake the worker's ``epoll_wait`` through it.
 - ``call_soon``/``create_task`` from the loop's thread only append to
   ``_ready``, and ``call_later`` only pushes on ``_scheduled``: neither wakes
-  anything, so the worker looks at both once per iteration (two length tests;
-  ``_scheduled`` may be replaced by ``_run_once``, so it is read each time).
+  anything, so the worker tests both for emptiness once per iteration. Both
+  lists keep their identity (``_run_once`` may replace ``_scheduled`` when it
+  sweeps cancelled timers; ``step()`` puts the same list object back), so the
+  worker holds them in locals.
 - ``_run_once`` blocks in ``select()`` unless ``_ready`` is non-empty or
   ``_stopping`` is set: the guest keeps ``_stopping`` set for good, so a step
   never blocks (``run_forever`` is never called on it).
@@ -66,6 +68,7 @@ class Guest:
         aloop.set_exception_handler(_log_exception)
         aloop._stopping = True  # type: ignore[attr-defined]  # a step never blocks
         self.ready = aloop._ready  # type: ignore[attr-defined]  # a deque, never replaced
+        self.scheduled: list[Any] = aloop._scheduled  # type: ignore[attr-defined]  # a heap
         self.fd = aloop._selector.fileno()  # type: ignore[attr-defined]
         self.task: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]] = _task_maker(aloop)
         # Hook tasks not done yet (receive, connect, close ...): a stopping
@@ -76,7 +79,11 @@ class Guest:
 
     def step(self, mask: int = 0) -> None:
         """One guest iteration: poll its fds (no wait), run what is ready."""
-        self.aloop._run_once()  # type: ignore[attr-defined]
+        aloop: Any = self.aloop
+        aloop._run_once()
+        if aloop._scheduled is not self.scheduled:  # swept: keep the list the worker holds
+            self.scheduled[:] = aloop._scheduled
+            aloop._scheduled = self.scheduled
 
     def enter(self) -> bool:
         """Make the guest this thread's running loop; False if it already is."""
@@ -130,7 +137,7 @@ class Guest:
             wake = aloop.call_later(left, _nothing)
             aloop._stopping = False  # type: ignore[attr-defined]  # may wait now
             try:
-                aloop._run_once()  # type: ignore[attr-defined]
+                self.step()
             finally:
                 aloop._stopping = True  # type: ignore[attr-defined]
                 wake.cancel()

@@ -23,6 +23,11 @@ handler write the signal number into a non-blocking socketpair that the loop
 watches, so a signal wakes ``epoll_wait`` and is dispatched here, in ordinary
 code, between callbacks. Handlers installed by a loop are restored by
 ``close()``.
+
+asyncio: every loop carries a guest asyncio loop (``octopus.core.aio``) whose
+epoll fd is registered here like any other; ``run()`` steps it when that fd
+is ready, when it has callbacks ready, or when its first timer is due, and
+makes it the thread's running loop meanwhile.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
 
 from octopus.core.aio import Guest
 
@@ -202,8 +206,8 @@ class Loop:
         timers = self._timers
         monotonic = time.monotonic
         guest = self.guest
-        aloop: Any = guest.aloop
-        guest_ready = guest.ready
+        guest_ready = guest.ready  # asyncio's callbacks ready to run
+        guest_timers = guest.scheduled  # asyncio's timers (call_later, sleep): a heap
         entered = guest.enter()
         try:
             while not self._stopping:
@@ -213,9 +217,8 @@ class Loop:
                     timeout = min(max(0.0, timers[0][0] - monotonic()), self.max_wait)
                 else:
                     timeout = self.max_wait
-                scheduled = aloop._scheduled  # asyncio timers (call_later, sleep)
-                if scheduled and timeout:
-                    timeout = min(timeout, max(0.0, scheduled[0]._when - monotonic()))
+                if guest_timers and timeout:
+                    timeout = min(timeout, max(0.0, guest_timers[0]._when - monotonic()))
                 events = poll(timeout)
                 now = self.time = monotonic()
                 for fd, mask in events:
@@ -231,8 +234,7 @@ class Loop:
                         timer.callback()
                 for _ in range(len(soon)):
                     soon.popleft()()
-                scheduled = aloop._scheduled
-                if guest_ready or (scheduled and scheduled[0]._when <= now):
+                if guest_ready or (guest_timers and guest_timers[0]._when <= now):
                     guest.step()
                 if self.on_tick is not None:
                     self.on_tick(now)
