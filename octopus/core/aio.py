@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -57,7 +58,20 @@ if sys.version_info >= (3, 12):
         return functools.partial(asyncio.Task, loop=loop, eager_start=True)
 else:
     def _task_maker(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.Task[Any]]:
-        return loop.create_task
+        """The same on 3.11, which has no eager tasks: ``create_task`` has just
+        appended the task's first step to ``_ready`` (call_soon), and this
+        thread alone appends there but for ``call_soon_threadsafe``, whose
+        callbacks may run at any time: so run the last handle now."""
+        ready: deque[asyncio.Handle] = loop._ready  # type: ignore[attr-defined]
+        create = loop.create_task
+
+        def eager(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+            task = create(coro)
+            if ready:
+                ready.pop()._run()
+            return task
+
+        return eager
 
 
 class Guest:

@@ -14,9 +14,10 @@ the versions below; its hooks run in this order, one at a time::
 Invariants:
 - ``current`` is the connection's one pending hook task; while it is set, each
   message read goes to ``backlog`` (in order) instead of to ``receive()``.
-- A hook's task is eager on Python 3.12+ (``asyncio.eager_task_factory``'s
-  Task): its first step runs inside the dispatch, so a ``receive()`` that
-  never suspends is done before the next message, with no loop round trip.
+- A hook's task is eager (``asyncio.eager_task_factory``'s Task on 3.12+;
+  on 3.11 its first step is run at once, see ``octopus.core.aio``): its first
+  step runs inside the dispatch, so a ``receive()`` that never suspends is
+  done before the next message, with no loop round trip.
   Its replies are corked with the rest of the read, as for plain hooks.
 - Backpressure: once the backlog holds ``BACKLOG_MESSAGES`` messages or
   ``BACKLOG_BYTES`` bytes, reading pauses (the kernel's buffer fills and TCP
@@ -170,7 +171,10 @@ def _feed(conn: SocketConnection, data: bytes) -> None:
             conn._abort("message_too_large" if isinstance(exc, MessageTooLarge) else "eof")
             return
     state: AsyncState = conn._aio
-    if messages:
+    if len(messages) == 1 and state.current is None and not state.backlog:
+        conn._worker.messages_in += 1
+        _receive(conn, messages[0])
+    elif messages:
         conn._worker.messages_in += len(messages)
         if state.current is None and not state.backlog:
             _dispatch(conn, state, deque(messages))
@@ -204,14 +208,7 @@ def _dispatch(conn: SocketConnection, state: AsyncState, queue: deque[Any]) -> N
                 continue
             if from_backlog:
                 state.size -= len(item)
-            try:
-                result = conn.receive(item)
-            except Exception:
-                app_log.error("Error in receive() of %r", conn, exc_info=True)
-                conn._abort("hook_error")
-                return
-            if type(result) is CoroutineType:
-                _start(conn, result, "receive", None)
+            _receive(conn, item)
     finally:
         conn._corked = False
     if not from_backlog and queue and conn._state == OPEN:
@@ -219,6 +216,17 @@ def _dispatch(conn: SocketConnection, state: AsyncState, queue: deque[Any]) -> N
         state.size += sum(len(item) for item in queue if type(item) is not _Call)
     if batch and conn._wbuf and not conn._events & EPOLLOUT and conn._state == OPEN:
         conn._flush()
+
+
+def _receive(conn: SocketConnection, message: Any) -> None:
+    try:
+        result = conn.receive(message)
+    except Exception:
+        app_log.error("Error in receive() of %r", conn, exc_info=True)
+        conn._abort("hook_error")
+        return
+    if type(result) is CoroutineType:
+        _start(conn, result, "receive", None)
 
 
 def _call_now(conn: SocketConnection, hook: Callable[..., Any], args: tuple[Any, ...],
