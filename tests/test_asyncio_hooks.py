@@ -193,6 +193,36 @@ def test_asyncio_works_from_an_async_receive(threaded_server: ServeThread) -> No
     other.close()
 
 
+class Callbacks(SocketConnection):
+    """Coroutine functions given as callbacks: to call_later and run_in_thread."""
+
+    framing = "line"
+
+    def receive(self, message: bytes) -> None:
+        if message == b"timer":
+            self.call_later(0.001, self.later)
+        else:
+            self.run_in_thread(bytes.upper, message, then=self.then)
+
+    async def later(self) -> None:
+        await asyncio.sleep(0)
+        self.send(b"timer ran")
+
+    async def then(self, result: bytes) -> None:
+        await asyncio.sleep(0)
+        self.send(b"then " + result)
+
+
+def test_async_callbacks_run_as_tasks(threaded_server: ServeThread) -> None:
+    server = threaded_server(Callbacks)
+    client = LineClient(server.address)
+    client.send_line("timer")
+    assert client.read_line() == "timer ran"
+    client.send_line("thread")
+    assert client.read_line() == "then THREAD"
+    client.close()
+
+
 # -- order and backpressure --------------------------------------------------
 
 

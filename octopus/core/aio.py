@@ -90,6 +90,7 @@ class Guest:
         self.pending: set[asyncio.Task[Any]] = set()
         self._entered = False
         self._saved: tuple[Any, ...] = ()
+        self._showwarning: Callable[..., None] | None = None
 
     def step(self, mask: int = 0) -> None:
         """One guest iteration: poll its fds (no wait), run what is ready."""
@@ -111,7 +112,8 @@ class Guest:
         sys.set_asyncgen_hooks(firstiter=aloop._asyncgen_firstiter_hook,  # type: ignore[attr-defined]
                                finalizer=aloop._asyncgen_finalizer_hook)  # type: ignore[attr-defined]
         asyncio.events._set_running_loop(aloop)
-        warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+        self._showwarning = functools.partial(_show_warning, warnings.showwarning)
+        warnings.showwarning = self._showwarning
         return True
 
     def exit(self) -> None:
@@ -122,7 +124,9 @@ class Guest:
         self._saved = ()
         asyncio.events._set_running_loop(running)
         sys.set_asyncgen_hooks(*hooks)
-        warnings.showwarning = showwarning
+        if warnings.showwarning is self._showwarning:  # not replaced since (by pytest, say)
+            warnings.showwarning = showwarning
+        self._showwarning = None
         self.aloop._thread_id = None  # type: ignore[attr-defined]
 
     def finish(self, seconds: float = FINISH_SECONDS) -> None:
@@ -162,10 +166,11 @@ class Guest:
         if aloop.is_closed():
             return
         aloop._stopping = False  # type: ignore[attr-defined]
-        try:
-            aloop.run_until_complete(asyncio.wait_for(aloop.shutdown_asyncgens(), 1.0))
-        except Exception:  # a generator that will not close: nothing more to do
-            log.debug("asynchronous generators did not close", exc_info=True)
+        if asyncio.events._get_running_loop() is None:  # not closed from inside another loop
+            try:
+                aloop.run_until_complete(asyncio.wait_for(aloop.shutdown_asyncgens(), 1.0))
+            except Exception:  # a generator that will not close: nothing more to do
+                log.debug("asynchronous generators did not close", exc_info=True)
         aloop.close()
 
 
