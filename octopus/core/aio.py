@@ -1,7 +1,7 @@
 """asyncio as a guest on the worker's loop.
 
-Every worker loop carries a stock ``asyncio.SelectorEventLoop`` (the guest).
-It never runs a loop of its own: its epoll instance is one more descriptor in
+Every worker loop carries an asyncio ``SelectorEventLoop`` (the guest). It
+never runs a loop of its own: its epoll instance is one more descriptor in
 the worker's epoll set, and the worker steps it (one ``_run_once`` with a
 zero timeout) when that descriptor is readable, when the guest has callbacks
 ready, or when its first timer is due. Facts this relies on:
@@ -9,12 +9,14 @@ ready, or when its first timer is due. Facts this relies on:
 - An epoll fd is readable while any descriptor registered in it is ready, so
   the guest's sockets (asyncpg's, redis's, its self-pipe for
   ``call_soon_threadsafe``) wake the worker's ``epoll_wait`` through it.
-- ``call_soon``/``create_task`` from the loop's thread only append to
-  ``_ready``, and ``call_later`` only pushes on ``_scheduled``: neither wakes
-  anything, so the worker tests both for emptiness once per iteration. Both
-  lists keep their identity (``_run_once`` may replace ``_scheduled`` when it
-  sweeps cancelled timers; ``step()`` puts the same list object back), so the
-  worker holds them in locals.
+- Everything else that gives asyncio work passes through two methods:
+  ``_call_soon`` (``call_soon``, ``create_task``, a future's callbacks) and
+  ``call_at`` (``call_later``, ``sleep``, ``timeout``). The guest's class
+  overrides just these two, to queue a step on the worker's loop and to keep
+  one worker timer at its earliest deadline. So the worker's loop tests
+  nothing for asyncio per iteration: a worker whose application never uses
+  asyncio pays nothing for it (callbacks that ``_run_once`` appends to
+  ``_ready`` itself run within that same step).
 - ``_run_once`` blocks in ``select()`` unless ``_ready`` is non-empty or
   ``_stopping`` is set: the guest keeps ``_stopping`` set for good, so a step
   never blocks (``run_forever`` is never called on it).
@@ -33,8 +35,10 @@ and contends for the GIL.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
+import math
 import selectors
 import sys
 import threading
@@ -42,7 +46,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("octopus.worker")
 app_log = logging.getLogger("octopus.app")
@@ -50,6 +54,29 @@ app_log = logging.getLogger("octopus.app")
 # Seconds a stopping worker waits for pending handlers and close() coroutines
 # after its loop ended (graceful stops waited for handlers before that).
 FINISH_SECONDS = 1.0
+
+class GuestLoop(asyncio.SelectorEventLoop):
+    """A stock selector loop that tells the worker's loop when it has work."""
+
+    _host_wake: Callable[[], None]
+    _host_deadline: Callable[[float], None]
+
+    def _call_soon(self, callback: Any, args: Any, context: Any) -> Any:
+        handle = super()._call_soon(callback, args, context)  # type: ignore[misc]
+        self._host_wake()
+        return handle
+
+    def call_at(  # type: ignore[override]
+            self, when: float, callback: Callable[..., object], *args: Any,
+            context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+        handle = super().call_at(when, callback, *args, context=context)
+        self._host_deadline(when)
+        return handle
+
+
+class _HostTimer(Protocol):
+    def cancel(self) -> None: ...
+
 
 if sys.version_info >= (3, 12):
     def _task_maker(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.Task[Any]]:
@@ -75,14 +102,21 @@ else:
 
 
 class Guest:
-    """The worker's asyncio loop, stepped by the worker's own loop."""
+    """The worker's asyncio loop, stepped by the worker's own loop, whose
+    ``call_soon`` and ``call_later`` it is given."""
 
-    def __init__(self) -> None:
-        self.aloop = aloop = asyncio.SelectorEventLoop(selectors.EpollSelector())
+    def __init__(self, call_soon: Callable[[Callable[[], object]], None],
+                 call_later: Callable[[float, Callable[[], object]], _HostTimer]) -> None:
+        self.aloop = aloop = GuestLoop(selectors.EpollSelector())
+        aloop._host_wake = self._wake
+        aloop._host_deadline = self._deadline
+        self._call_soon = call_soon
+        self._call_later = call_later
+        self._queued = False  # a step waits in the worker's call_soon queue
+        self._wake_at = math.inf  # the worker timer's deadline, if one is set
+        self._wake_timer: _HostTimer | None = None
         aloop.set_exception_handler(_log_exception)
         aloop._stopping = True  # type: ignore[attr-defined]  # a step never blocks
-        self.ready = aloop._ready  # type: ignore[attr-defined]  # a deque, never replaced
-        self.scheduled: list[Any] = aloop._scheduled  # type: ignore[attr-defined]  # a heap
         self.fd = aloop._selector.fileno()  # type: ignore[attr-defined]
         self.task: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]] = _task_maker(aloop)
         # Hook tasks not done yet (receive, connect, close ...): a stopping
@@ -96,9 +130,35 @@ class Guest:
         """One guest iteration: poll its fds (no wait), run what is ready."""
         aloop: Any = self.aloop
         aloop._run_once()
-        if aloop._scheduled is not self.scheduled:  # swept: keep the list the worker holds
-            self.scheduled[:] = aloop._scheduled
-            aloop._scheduled = self.scheduled
+        if aloop._ready:  # appended by _run_once itself (none do today)
+            self._wake()
+        scheduled = aloop._scheduled
+        if scheduled:
+            self._deadline(scheduled[0]._when)
+
+    def _wake(self) -> None:
+        """asyncio has a callback ready: step it from the worker's call_soon queue."""
+        if not self._queued:
+            self._queued = True
+            self._call_soon(self._queued_step)
+
+    def _queued_step(self) -> None:
+        self._queued = False
+        if self.aloop._ready:  # type: ignore[attr-defined]  # not run eagerly meanwhile
+            self.step()
+
+    def _deadline(self, when: float) -> None:
+        """asyncio has a timer due at ``when``: keep a worker timer at the earliest."""
+        if when < self._wake_at:
+            if self._wake_timer is not None:
+                self._wake_timer.cancel()
+            self._wake_at = when
+            self._wake_timer = self._call_later(when - time.monotonic(), self._timer_step)
+
+    def _timer_step(self) -> None:
+        self._wake_timer = None
+        self._wake_at = math.inf
+        self.step()
 
     def enter(self) -> bool:
         """Make the guest this thread's running loop; False if it already is."""

@@ -57,6 +57,8 @@ from octopus.core.loop import EPOLLIN, EPOLLOUT
 if TYPE_CHECKING:
     import asyncio
 
+    from octopus.core.host import Host
+
 app_log = logging.getLogger("octopus.app")
 log = logging.getLogger("octopus.worker")
 
@@ -68,9 +70,10 @@ BACKLOG_BYTES = 65536
 class AsyncState:
     """A connection's pending hook task and the messages waiting behind it."""
 
-    __slots__ = ("backlog", "closed", "current", "deferred", "eof", "held", "size")
+    __slots__ = ("backlog", "closed", "current", "deferred", "eof", "held", "size", "task")
 
-    def __init__(self) -> None:
+    def __init__(self, worker: Host) -> None:
+        self.task = worker.loop.guest.task  # makes a hook's (eager) task
         self.current: asyncio.Task[Any] | None = None
         self.backlog: deque[Any] = deque()  # messages, or _Call for an ordered hook
         self.size = 0  # bytes (characters) of the messages in the backlog
@@ -154,7 +157,24 @@ def _on_events(self: SocketConnection, mask: int) -> None:
         worker.bytes_in += len(data)
         if self._idle_timer is not None:
             self._last_input = worker.loop.time
-        _feed(self, data)
+        state: AsyncState = self._aio
+        if self._framer is None and data and state.current is None and not state.backlog:
+            # The common case, inline: one message (raw), no handler pending.
+            worker.messages_in += 1
+            try:
+                coro = self.receive(data)
+            except Exception:
+                app_log.error("Error in receive() of %r", self, exc_info=True)
+                self._abort("hook_error")
+                return
+            if type(coro) is CoroutineType:
+                task = state.task(coro)
+                if not task.done():
+                    _pending(self, state, task, "receive", None)
+                elif task.cancelled() or task.exception() is not None:
+                    _outcome(self, task, "receive")
+        else:
+            _feed(self, data)
     if self._wbuf and (mask & EPOLLOUT or self._state == CLOSING):
         self._flush()
 
@@ -247,14 +267,19 @@ def _call_now(conn: SocketConnection, hook: Callable[..., Any], args: tuple[Any,
 def _start(conn: SocketConnection, coro: Coroutine[Any, Any, Any], name: str,
            then: Callable[[Any], object] | None) -> None:
     """Run a hook's coroutine as the connection's pending task."""
-    guest = conn._worker.loop.guest
-    task = guest.task(coro)
+    state: AsyncState = conn._aio
+    task = state.task(coro)
     if task.done():  # eager, and it never suspended
         _outcome(conn, task, name, then)
-        return
-    state: AsyncState = conn._aio
+    else:
+        _pending(conn, state, task, name, then)
+
+
+def _pending(conn: SocketConnection, state: AsyncState, task: asyncio.Task[Any], name: str,
+             then: Callable[[Any], object] | None) -> None:
+    """``task`` suspended: it is the connection's pending task until done."""
     state.current = task
-    guest.pending.add(task)
+    conn._worker.loop.guest.pending.add(task)
     task.add_done_callback(functools.partial(_finished, conn, name, then))
 
 

@@ -337,7 +337,7 @@ class SocketConnection:
         self._wbuf = bytearray()
         self._idle_timer = None
         if self._async is not None:
-            self._aio = self._async()
+            self._aio = self._async(worker)
         self.address = address
         if type(address) is tuple:  # TCP: (host, port, ...)
             self._sock = sock

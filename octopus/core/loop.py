@@ -25,9 +25,9 @@ code, between callbacks. Handlers installed by a loop are restored by
 ``close()``.
 
 asyncio: every loop carries a guest asyncio loop (``octopus.core.aio``) whose
-epoll fd is registered here like any other; ``run()`` steps it when that fd
-is ready, when it has callbacks ready, or when its first timer is due, and
-makes it the thread's running loop meanwhile.
+epoll fd is registered here like any other; it is stepped when that fd is
+ready, through ``call_soon`` when it has callbacks ready, and by a timer when
+its first timer is due. ``run()`` makes it the thread's running loop.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Loop:
         self._saved_signals: dict[int, object] = {}
         self._saved_wakeup_fd: int | None = None
         # The asyncio loop of the hooks (octopus.core.aio), stepped from run().
-        self.guest = Guest()
+        self.guest = Guest(self.call_soon, self.call_later)
         self.register(self.guest.fd, EPOLLIN, self.guest.step)
 
     def register(self, fd: int, events: int, callback: EventCallback) -> None:
@@ -206,19 +206,15 @@ class Loop:
         timers = self._timers
         monotonic = time.monotonic
         guest = self.guest
-        guest_ready = guest.ready  # asyncio's callbacks ready to run
-        guest_timers = guest.scheduled  # asyncio's timers (call_later, sleep): a heap
         entered = guest.enter()
         try:
             while not self._stopping:
-                if soon or guest_ready:
+                if soon:
                     timeout = 0.0
                 elif timers:
                     timeout = min(max(0.0, timers[0][0] - monotonic()), self.max_wait)
                 else:
                     timeout = self.max_wait
-                if guest_timers and timeout:
-                    timeout = min(timeout, max(0.0, guest_timers[0]._when - monotonic()))
                 events = poll(timeout)
                 now = self.time = monotonic()
                 for fd, mask in events:
@@ -234,8 +230,6 @@ class Loop:
                         timer.callback()
                 for _ in range(len(soon)):
                     soon.popleft()()
-                if guest_ready or (guest_timers and guest_timers[0]._when <= now):
-                    guest.step()
                 if self.on_tick is not None:
                     self.on_tick(now)
         finally:
