@@ -305,6 +305,36 @@ def test_reading_pauses_once_the_backlog_is_full_and_resumes_after(
     b.close()
 
 
+class Deciding(SocketConnection):
+    """A hook that returns a decision, run through ``call_hook`` as a WebSocket
+    listener runs ``handshake()``: messages wait until it has decided."""
+
+    framing = "line"
+
+    def connect(self) -> None:
+        asynchooks.call_hook(self, self.handshake, "request", then=self.decided)
+
+    async def handshake(self, request: str) -> int:
+        await asyncio.sleep(0.05)
+        return 101
+
+    def decided(self, status: int) -> None:
+        self.send(b"decided %d" % status)
+
+    async def receive(self, message: bytes) -> None:
+        self.send(b"got " + message)
+
+
+def test_a_deciding_hook_runs_first_and_hands_its_result_on(
+        threaded_server: ServeThread) -> None:
+    server = threaded_server(Deciding)
+    client = LineClient(server.address)
+    client.send_line("hello")  # sent at once: it waits for the decision
+    assert client.read_line() == "decided 101"
+    assert client.read_line() == "got hello"
+    client.close()
+
+
 # -- lifecycle ---------------------------------------------------------------
 
 
