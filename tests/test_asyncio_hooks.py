@@ -335,6 +335,24 @@ def test_a_deciding_hook_runs_first_and_hands_its_result_on(
     client.close()
 
 
+class HalfClosed(Gate):
+    pass
+
+
+def test_the_peers_eof_waits_behind_the_pending_handler(threaded_server: ServeThread) -> None:
+    server = threaded_server(HalfClosed)
+    a, b = LineClient(server.address), LineClient(server.address)
+    a.send_line(b"wait g\nafter")
+    a.sock.shutdown(socket.SHUT_WR)  # the client is done sending, and reads on
+    wait_until(lambda: "waiting g" in HalfClosed.events)
+    b.send_line("open g")
+    assert b.read_line() == "opened g"
+    assert [a.read_line(), a.read_line()] == ["passed g", "got after"]
+    assert a.at_eof()
+    a.close()
+    b.close()
+
+
 # -- lifecycle ---------------------------------------------------------------
 
 

@@ -331,7 +331,9 @@ def _resume(conn: SocketConnection, state: AsyncState) -> None:
 
 
 def _hold(conn: SocketConnection, state: AsyncState) -> None:
-    if not state.held and conn._events & EPOLLIN:
+    """Stop reading (also after the application resumed it meanwhile); reading
+    the application paused itself stays its own to resume."""
+    if conn._events & EPOLLIN:
         state.held = True
         conn.pause_reading()
 
