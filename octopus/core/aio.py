@@ -79,21 +79,26 @@ class _HostTimer(Protocol):
 
 
 if sys.version_info >= (3, 12):
-    def _task_maker(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.Task[Any]]:
+    def _task_maker(loop: GuestLoop) -> Callable[..., asyncio.Task[Any]]:
         # eager_task_factory's Task: the first step runs now, in the caller;
         # a coroutine that never suspends is done before the call returns.
         return functools.partial(asyncio.Task, loop=loop, eager_start=True)
 else:
-    def _task_maker(loop: asyncio.AbstractEventLoop) -> Callable[..., asyncio.Task[Any]]:
-        """The same on 3.11, which has no eager tasks: ``create_task`` has just
-        appended the task's first step to ``_ready`` (call_soon), and this
-        thread alone appends there but for ``call_soon_threadsafe``, whose
-        callbacks may run at any time: so run the last handle now."""
+    def _task_maker(loop: GuestLoop) -> Callable[..., asyncio.Task[Any]]:
+        """The same on 3.11, which has no eager tasks: a new Task has just
+        appended its first step to ``_ready`` (call_soon, told to wake no
+        one), and this thread alone appends there but for
+        ``call_soon_threadsafe``, whose callbacks may run at any time (and
+        which wakes the guest itself): so run the last handle now."""
         ready: deque[asyncio.Handle] = loop._ready  # type: ignore[attr-defined]
-        create = loop.create_task
+        task_class = asyncio.Task
 
         def eager(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-            task = create(coro)
+            wake, loop._host_wake = loop._host_wake, _nothing
+            try:
+                task = task_class(coro, loop=loop)
+            finally:
+                loop._host_wake = wake
             if ready:
                 ready.pop()._run()
             return task
