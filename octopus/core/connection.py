@@ -26,6 +26,10 @@ outbound one, connected or not)::
                 slow consumer, oversized message,
                 quick stop
 
+A class with an ``async def`` hook takes the same table through the methods
+of ``octopus.core.asynchooks``: its hooks run as tasks, one at a time per
+connection, and what is read meanwhile waits in a bounded backlog.
+
 LINGER exists because closing a socket that still has unread input makes the
 kernel send RST instead of FIN, and an RST can make the peer drop the reply it
 has not read yet: so after our FIN we read and discard until the peer's EOF,
