@@ -61,6 +61,12 @@ class GuestLoop(asyncio.SelectorEventLoop):
     _host_wake: Callable[[], None]
     _host_deadline: Callable[[float], None]
 
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        super().__init__(selector)
+        # Every Future, Task and Handle asks its loop get_debug() when made:
+        # the same answer without a Python frame (a third of a Future's cost).
+        self.get_debug = functools.partial(getattr, self, "_debug")  # type: ignore[method-assign]
+
     def _call_soon(self, callback: Any, args: Any, context: Any) -> Any:
         handle = super()._call_soon(callback, args, context)  # type: ignore[misc]
         self._host_wake()
