@@ -48,7 +48,9 @@ def _maybe_int(value: object) -> int | None:
 # Upper bounds. Every number a user gives has one, so that a typo is one line
 # at start (or a failed reload), never an OverflowError deep in a system call.
 MAX_BACKLOG = 65535  # listen() takes an int; the kernel caps it at net.core.somaxconn
-MAX_WORKERS = 128  # half the scoreboard's slots: a reload runs two generations at once
+# One per CPU of the largest hosts, and more; the scoreboard is sized from
+# ``workers`` (coordination.scoreboard.capacity_for), so any of these reloads.
+MAX_WORKERS = 1024
 MAX_SECONDS = 31_536_000.0  # a year: any longer timeout is a typo
 GiB = 2**30
 
@@ -336,14 +338,16 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 "N"),
         Setting("socket_mode", _octal, "0600",
                 "File mode of the Unix sockets octopus creates, as a string of octal "
-                "digits.", "MODE", unparse=_octal_text),
+                "digits. An abstract socket (unix:@name) has no file: any local user "
+                "can connect to it (see unix_allow_uids).", "MODE", unparse=_octal_text),
     )),
     ("Workers", (
         Setting("workers", _workers, 1,
                 'Number of worker processes, or "auto" for one per CPU.', "N"),
         Setting("max_connections", _positive_int(2**20), 10000,
-                "Connections per worker; beyond it the worker stops accepting and new "
-                "clients wait in the backlog.", "N"),
+                "Connections per worker, those still in a TLS handshake or PROXY header "
+                "included (these may take at most half); beyond it the worker stops "
+                "accepting and new clients wait in the backlog.", "N"),
         Setting("timeout", _seconds(positive=True), 30,
                 "Seconds a worker's loop may go without a heartbeat before the master "
                 "kills and replaces it.", "SECONDS"),
@@ -367,11 +371,16 @@ SECTIONS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
                 'arrived), "line" (newline-delimited) or "length" (4-byte big-endian '
                 "length prefix).", "raw|line|length"),
         Setting("max_message_size", _positive_int(GiB), 1048576,
-                "Largest framed message in bytes; one byte more ends the connection.",
+                "Largest framed message in bytes; one byte more ends the connection. "
+                "Also the largest broadcast() that reaches the other workers.",
                 "BYTES"),
         Setting("max_write_buffer", _positive_int(64 * GiB), 33554432,
                 "Bytes pending for one connection before it is disconnected as a slow "
                 "consumer.", "BYTES"),
+        Setting("max_worker_buffer", _positive_int(256 * GiB), 1073741824,
+                "Bytes pending in one worker, all its connections together; past it the "
+                "connections with the most pending output are disconnected first, as slow "
+                "consumers.", "BYTES"),
         Setting("idle_timeout", _seconds(positive=False), 0,
                 "Seconds without input before a connection is closed; 0 never closes it.",
                 "SECONDS"),
@@ -532,6 +541,7 @@ class Settings:
     framing: str
     max_message_size: int
     max_write_buffer: int
+    max_worker_buffer: int
     idle_timeout: float
     linger_timeout: float
     user: str | int | None

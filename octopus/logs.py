@@ -123,3 +123,34 @@ def reopen() -> None:
                 logging.getLogger("octopus").error(
                     "cannot reopen log file %s: %s; still logging to the old file",
                     handler.path, _why(handler.path, exc))
+
+
+class RateLimited:
+    """Warnings a stranger can cause: one kind (one instance per kind), written
+    at most once per ``interval`` seconds.
+
+    A stranger who can make the server log one line per attempt can fill the
+    disk and eat a core with it. The first line goes out at once; the next one
+    says how many like it were left out since: a flood costs a counter, not a log.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger, self.interval = logger, interval
+        self._last = -interval - 1.0
+        self.suppressed = 0  # left out since the last line written
+
+    def warning(self, message: str, *args: object) -> None:
+        self.log(logging.WARNING, message, *args)
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.suppressed += 1
+            return
+        if not self.logger.isEnabledFor(level):
+            return
+        if self.suppressed:
+            message += " (%d more like this in the last %.0fs)"
+            args = (*args, self.suppressed, now - self._last)
+        self._last, self.suppressed = now, 0
+        self.logger.log(level, message, *args)

@@ -30,7 +30,7 @@ from typing import Any
 
 from octopus import config, logs
 from octopus.coordination.admission import Table
-from octopus.coordination.scoreboard import RETIRING, STATE_NAMES, Scoreboard
+from octopus.coordination.scoreboard import RETIRING, STATE_NAMES, Scoreboard, capacity_for
 from octopus.errors import AppImportError, OctopusError
 from octopus.supervisor import pidfile, privileges, systemd
 from octopus.supervisor.control import ControlServer, control_path
@@ -94,14 +94,14 @@ class Master:
         self.started = time.time()
         self._signals = SignalQueue()
         self._selector = selectors.DefaultSelector()
-        self.scoreboard = Scoreboard()
+        self.scoreboard = Scoreboard(capacity_for(settings.workers))
         self.admission = Table()  # per-address counts; pages untouched while no limit is set
         # Distinct even for masters with equal pids in separate pid namespaces.
         self.namespace = f"{os.getpid()}-{secrets.token_hex(8)}"
         self.control: ControlServer | None = None
         self.metrics = MasterMetrics()
         self.metrics_listener: Listener | None = None
-        self._servers: list[RequestServer] = []  # control and metrics, on self._selector
+        self.endpoints: list[RequestServer] = []  # control and metrics, on self._selector
         self.watchdog = systemd.Watchdog()
 
     def run(self) -> None:
@@ -120,7 +120,7 @@ class Master:
                 # that the pid in the file is this master.
                 self.control = ControlServer(control_path(self.settings.pidfile),
                                              self._selector, self.snapshot)
-                self._servers.append(self.control.server)
+                self.endpoints.append(self.control.server)
             self._serve_metrics()
             self._bind_initial()
             self._signals.install(self._selector)
@@ -153,7 +153,7 @@ class Master:
         if self.settings.metrics_bind is None:
             return
         self.metrics_listener = bind(self.settings.metrics_bind, 128, self.settings.socket_mode)
-        self._servers.append(http_server(self.metrics_listener.sock, self._selector,
+        self.endpoints.append(http_server(self.metrics_listener.sock, self._selector,
                                          self.metrics.routes(self)))
         log.info("metrics on %s", self.metrics_listener.name)
 
@@ -184,7 +184,7 @@ class Master:
             self.reap_workers(block=True)
         for listener in self.listeners.values():
             listener.close()
-        for server in self._servers:
+        for server in self.endpoints:
             server.close()  # the control socket's file goes below
         if self.metrics_listener is not None:
             self.metrics_listener.close()
@@ -219,6 +219,11 @@ class Master:
     handle_quit = handle_int
 
     def handle_ttin(self) -> None:
+        if 2 * (self.num_workers + 1) > self.scoreboard.capacity:
+            log.warning("SIGTTIN: keeping %d worker(s): a reload of more would not fit the "
+                        "scoreboard's %d slots (sized at start; restart to grow it)",
+                        self.num_workers, self.scoreboard.capacity)
+            return
         self.num_workers += 1
         log.info("SIGTTIN: %d worker(s)", self.num_workers)
 
@@ -245,7 +250,7 @@ class Master:
             else:  # the signal wakeup, a RequestServer's listener or client
                 key.data(mask)
         now = time.monotonic()
-        for server in self._servers:
+        for server in self.endpoints:
             server.expire(now)
 
     def _next_timeout(self) -> float:
@@ -255,7 +260,7 @@ class Master:
         deadlines = [w.kill_at for w in self.workers.values() if w.kill_at is not None]
         if self.next_spawn_at > now:
             deadlines.append(self.next_spawn_at)
-        deadlines += [t for s in self._servers if (t := s.next_deadline()) is not None]
+        deadlines += [t for s in self.endpoints if (t := s.next_deadline()) is not None]
         if self.watchdog.interval is not None:
             deadlines.append(self.watchdog.next_at)
         # Heartbeats are checked at least a few times per timeout.
@@ -354,7 +359,7 @@ class Master:
                 if isinstance(key.data, WorkerProcess):
                     os.close(key.fd)
             self._selector.close()
-            for server in self._servers:
+            for server in self.endpoints:
                 server.abandon()
             set_title(f"octopusd: worker {ctx.index} [{ctx.settings.app or 'octopus'}]")
             self.target(ctx)
@@ -516,6 +521,12 @@ class Master:
             if settings.config_file is not None:
                 settings = config.load(settings.config_file, self.overrides)
             tls.check(settings)  # renewed certificates: the new workers load them again
+            free = self.scoreboard.capacity - len(self.workers)
+            if settings.workers > free:
+                raise OctopusError(
+                    f"{settings.workers} new worker(s) do not fit the scoreboard: {free} of "
+                    f"its {self.scoreboard.capacity} slots are free (sized at start; restart "
+                    "to grow it)")
             self._pending_listeners = (
                 self.listeners if systemd_owned(self.listeners)
                 else self._bind(settings, keep=self.listeners)

@@ -7,6 +7,11 @@ Accepting:
 - Each readiness event accepts at most ``ACCEPT_BURST`` connections, so one
   busy listener cannot starve established connections, and under
   ``EPOLLEXCLUSIVE`` the backlog is left for the other workers to share.
+- Connections still in their PROXY header or TLS handshake (``preambles``)
+  count toward ``max_connections``. They may hold at most half of the
+  worker's room (``max_connections``, or its descriptor limit if lower):
+  beyond that only the ``tls``/``proxy`` listeners pause, so a flood of
+  silent handshakes cannot keep the plain listeners from being served.
 - At ``max_connections``, or when the kernel has no descriptors left
   (EMFILE/ENFILE) or memory (ENOBUFS/ENOMEM), the worker unregisters its
   listeners: new clients wait in the kernel's backlog (or go to another
@@ -28,6 +33,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import socket
 import struct
 import sys
@@ -37,12 +43,13 @@ from typing import TYPE_CHECKING, Any
 from octopus.config import Settings
 from octopus.coordination.admission import Admission
 from octopus.core.connection import SocketConnection
-from octopus.core.counters import CLOSE_REASONS
+from octopus.core.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS
 from octopus.core.fdio import acceptor
 from octopus.core.framing import FRAMINGS
 from octopus.core.loop import EPOLLEXCLUSIVE, EPOLLIN, Loop, Timer
 from octopus.core.threads import ThreadPool
 from octopus.errors import ConfigError
+from octopus.logs import RateLimited
 from octopus.transports.preamble import ListenerPolicy, Preamble, listener_policy
 
 if TYPE_CHECKING:
@@ -82,6 +89,15 @@ def peer_credentials(fd: int, kind: int) -> tuple[int, int, int]:
             socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
     finally:
         sock.detach()
+
+
+def preamble_limit(max_connections: int) -> int:
+    """How many connections may be in a handshake at once: half the worker's room,
+    which the descriptor limit (RLIMIT_NOFILE) bounds as well as max_connections."""
+    descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    room = max_connections if descriptors == resource.RLIM_INFINITY else min(
+        max_connections, descriptors)
+    return max(1, room // 2)
 
 
 class Worker:
@@ -138,6 +154,10 @@ class Worker:
         self.framing = settings.framing
         self.max_message_size = settings.max_message_size
         self.max_write_buffer = settings.max_write_buffer
+        self.max_worker_buffer = settings.max_worker_buffer
+        # Output pending in all connections together, as they reserved it (in
+        # steps: at most an eighth and 4 KiB more than their buffers hold).
+        self.pending_output = 0
         self.idle_timeout = settings.idle_timeout
         self.linger_timeout = settings.linger_timeout
         self.max_connections = settings.max_connections
@@ -166,17 +186,26 @@ class Worker:
         self.broadcasts_delivered = 0
         self.broadcasts_dropped = 0
         self.redis_gap = 0
+        self.redis_malformed = 0
+        self.internal_refused = 0  # peers and frames refused on the sockets between workers
         self.closes = dict.fromkeys(CLOSE_REASONS, 0)  # why connections ended
-        self.accept_pauses = dict.fromkeys(("max_connections", "fd_limit", "fair_share"), 0)
+        self.accept_pauses = dict.fromkeys(ACCEPT_PAUSE_CAUSES, 0)
         self.slow_consumers = 0
+        self.worker_buffer_cuts = 0  # connections cut for max_worker_buffer
+        self._shedding = False
+        self._shed_log = RateLimited(log)
         self.accepting = False
         self._resume_timer: Timer | None = None
         self._short_of_resources = False
         self._yielded = False  # paused by _yield_to_peer, not for want of resources
         self._draining = False  # the next accept burst ignores the share
         self._stopping = False
-        # Connections still in their PROXY header or TLS handshake, by fd.
+        # Connections still in their PROXY header or TLS handshake, by fd:
+        # counted in max_connections, and at most max_preambles of them.
         self.preambles: dict[int, Preamble] = {}
+        self.max_preambles = preamble_limit(self.max_connections)
+        self._flagged = [listener for listener in self.listeners if flags_of.get(listener)]
+        self._preambles_full = False  # the flagged listeners wait for handshakes to end
 
     def run(self) -> None:
         """Serve until ``stop()``; every connection is closed on return."""
@@ -205,8 +234,12 @@ class Worker:
         self.accepting = True
         self._yielded = False
         for listener in self.listeners:
-            self.loop.register(listener.fileno(), self._listen_events,
-                               functools.partial(self._accept, listener))
+            if not (self._preambles_full and listener in self._flagged):
+                self._watch_listener(listener)
+
+    def _watch_listener(self, listener: socket.socket) -> None:
+        self.loop.register(listener.fileno(), self._listen_events,
+                           functools.partial(self._accept, listener))
 
     def pause_accepting(self, retry_after: float | None = None) -> None:
         if self.accepting:
@@ -226,7 +259,7 @@ class Worker:
 
     def _maybe_resume(self) -> None:
         if not (self.accepting or self._stopping
-                or len(self.connections) >= self.max_connections):
+                or len(self.connections) + len(self.preambles) >= self.max_connections):
             self.start_accepting()
 
     def update_fair_share(self) -> None:
@@ -257,13 +290,15 @@ class Worker:
 
     def _accept(self, listener: socket.socket, mask: int) -> int:
         """Accept up to ACCEPT_BURST connections; return how many were taken."""
-        connections = self.connections
+        connections, preambles = self.connections, self.preambles
         accept, open_connection = self._accepting[listener]
         draining, self._draining = self._draining, False
         for taken in range(ACCEPT_BURST):
-            if len(connections) >= self.max_connections:
+            if len(connections) + len(preambles) >= self.max_connections:
                 self.accept_pauses["max_connections"] += 1
                 self.pause_accepting()
+                return taken
+            if self._preambles_full and listener in self._flagged:
                 return taken
             try:
                 fd, address = accept()
@@ -316,6 +351,21 @@ class Worker:
     def _open_preamble(self, policy: ListenerPolicy, family: int, kind: int, fd: int,
                        address: object) -> None:
         Preamble(self, policy, socket.socket(family, kind, 0, fd), address).begin()
+        if len(self.preambles) >= self.max_preambles and not self._preambles_full:
+            self._preambles_full = True
+            self.accept_pauses["handshakes"] += 1
+            for listener in self._flagged:
+                self.loop.unregister(listener.fileno())
+
+    def preamble_ended(self) -> None:
+        """A preamble failed or became a connection: room for another, maybe."""
+        if self._preambles_full and len(self.preambles) < self.max_preambles:
+            self._preambles_full = False
+            if self.accepting:
+                for listener in self._flagged:
+                    self._watch_listener(listener)
+        if not (self.accepting or self.finished):
+            self._maybe_resume()
 
     def _admit_address(self, opener: Callable[[int, Any], object], fd: int,
                        address: Any) -> None:
@@ -351,6 +401,36 @@ class Worker:
         self.broadcasts_delivered += len(connections)
         for conn in connections:
             conn.send(message)
+
+    def shed_output(self) -> None:
+        """Pending output passed ``max_worker_buffer``: cut the connections that
+        hold the most, largest first, until it is back within the budget.
+
+        Runs only when the budget is crossed, inside the send() that crossed
+        it. A close() hook that sends while connections are cut adds to the
+        total; the loop looks again until it is within the budget."""
+        if self._shedding:
+            return
+        self._shedding = True
+        cut = largest = 0
+        try:
+            while self.pending_output > self.max_worker_buffer:
+                holders = sorted((conn for conn in self.connections.values() if conn._wbuf),
+                                 key=lambda conn: len(conn._wbuf), reverse=True)
+                if not holders:
+                    break
+                for conn in holders:
+                    if self.pending_output <= self.max_worker_buffer:
+                        break
+                    largest = max(largest, len(conn._wbuf))
+                    cut += 1
+                    conn._slow_consumer(quiet=True)
+        finally:
+            self._shedding = False
+        self.worker_buffer_cuts += cut
+        self._shed_log.warning("output pending in this worker passed max_worker_buffer (%d "
+                               "bytes): %d slow consumer(s) disconnected, the largest with %d "
+                               "bytes pending", self.max_worker_buffer, cut, largest)
 
     def stop(self, graceful: bool = True) -> None:
         """Stop accepting and end every connection; ``run()`` then returns.

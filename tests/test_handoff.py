@@ -19,7 +19,7 @@ from typing import Any
 from tests import procs
 from tests.bcast_procs import Client, collect, group_by_pid
 from tests.handoff_clients import LINE_APP, Swarm
-from tests.helpers import recv_exactly, wait_until
+from tests.helpers import proc_status, recv_exactly, wait_until
 from tests.tls_certs import make_certs, tls_connect
 
 OLD, NEW = b"old", b"new"
@@ -124,6 +124,69 @@ def test_a_half_sent_16_mib_reply_and_a_half_received_line_continue_in_the_new_w
         rest = recv_exactly(big, len(BIG) + 1 - len(head), chunk=1 << 20)
         assert head + rest == BIG + b"\n"
         assert procs.ask(big, b"after") == b"new %d after" % new_worker
+
+
+FILL_APP = """
+from octopus import SocketConnection
+
+
+class App(SocketConnection):
+    framing = "line"
+
+    def receive(self, message):
+        chunk = b"x" * 65536
+        for _ in range(int(message) // len(chunk)):
+            self.send(chunk)
+"""
+
+
+def peak_memory(pid: int) -> int:
+    """VmHWM of ``pid`` in KiB; 0 once it has exited."""
+    try:
+        return proc_status(pid, "VmHWM")
+    except (OSError, KeyError):  # gone, or a zombie (no memory map left)
+        return 0
+
+
+def test_moving_pending_output_holds_about_one_copy_of_it(tmp_path: Path,
+                                                           servers: procs.Servers) -> None:
+    """The output moves as raw chunks from the old buffers into the new ones: no
+    pickle of it, no copies (it peaked at twice the output in each worker)."""
+    server = start(servers, tmp_path, FILL_APP, workers=1)
+    [old] = server.workers()
+    idle = proc_status(old, "VmRSS")
+    size = 24 << 20
+    clients = [procs.connect(server.port) for _ in range(4)]
+    try:
+        for client in clients:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            client.sendall(b"%d\n" % size)
+
+        def settled() -> int | None:  # the output waits in the worker: its memory stops growing
+            first = proc_status(old, "VmRSS")
+            time.sleep(0.05)
+            rss = proc_status(old, "VmRSS")
+            return rss if rss == first and rss - idle > 40_000 else None  # KiB
+
+        holding = wait_until(settled, 10, message="the output waiting in the worker")
+        pending = holding - idle
+        reload(server, tmp_path, FILL_APP)
+        peak_old = holding
+        while hwm := peak_memory(old):  # until it exits
+            peak_old = max(peak_old, hwm)
+            time.sleep(0.001)
+        [new] = server.wait_workers(1, without=(old,))
+        for client in clients:  # all of it arrives, through the new worker
+            assert len(recv_exactly(client, size, chunk=1 << 20)) == size
+        peak_new = proc_status(new, "VmHWM")
+        print(f"pending {pending >> 10} MiB; during the move: old worker +"
+              f"{(peak_old - holding) >> 10} MiB, new worker peak "
+              f"{(peak_new - idle) >> 10} MiB above idle")
+        assert peak_old - holding < pending // 2
+        assert peak_new - idle < pending * 3 // 2
+    finally:
+        for client in clients:
+            client.close()
 
 
 BLOCKING_RESUME_APP = """

@@ -165,3 +165,37 @@ def test_a_link_carries_a_long_message_and_descriptors() -> None:
         os.close(pipe_r)
         os.close(pipe_w)
         loop.close()
+
+
+def test_bulk_data_follows_its_message_raw_and_unexpected_data_ends_the_link() -> None:
+    loop = Loop(max_wait=0.01)
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    plain_left, plain_right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for sock in (left, right, plain_left, plain_right):
+        sock.setblocking(False)
+    events: list[Any] = []
+    lost: list[Link] = []
+    sender = Link(loop, left, lambda link, message, fds: None, lost.append)
+    Link(loop, right, lambda link, message, fds: events.append(message), lost.append,
+         on_data=lambda link, data: events.append(data))
+    try:
+        first, second = bytearray(os.urandom(3 * CHUNK + 5)), bytearray(b"tail")
+        sender.send({"t": "commit"}, data=[first, second])
+        deadline = loop.time + 5
+        while sum(map(len, events[1:])) < len(first) + len(second) and loop.time < deadline:
+            loop.call_later(0.005, loop.stop)
+            loop.run()
+        assert events[0] == {"t": "commit"}
+        assert all(len(chunk) <= CHUNK for chunk in events[1:])  # packets, not a pickle
+        assert b"".join(events[1:]) == first + second and not lost
+        # A peer that takes no data closes a link that sends it.
+        Link(loop, plain_right, lambda link, message, fds: None, lost.append)
+        Link(loop, plain_left, lambda link, message, fds: None, lost.append).send(
+            {"t": "commit"}, data=[bytearray(b"x")])
+        loop.call_later(0.02, loop.stop)
+        loop.run()
+        assert len(lost) == 2
+    finally:
+        loop.close()
+        for sock in (left, right, plain_left, plain_right):
+            sock.close()

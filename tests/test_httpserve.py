@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from octopus.supervisor.httpserve import RequestServer, http_answer, http_server
+from octopus.supervisor.httpserve import MAX_HEAD, RequestServer, http_answer, http_server
 from tests.helpers import connect, recv_until_closed, wait_until
 
 BIG = 4 * 1024 * 1024
@@ -160,28 +160,53 @@ def test_a_silent_client_is_closed_at_its_deadline_and_delays_no_one(
     assert not driven.server.clients
 
 
-def test_beyond_max_clients_new_ones_wait_for_a_slot(drive: Callable[..., Driven]) -> None:
+def test_when_full_a_newcomer_takes_the_slot_of_the_oldest_reader(
+        drive: Callable[..., Driven]) -> None:
     driven = drive(lambda sock, sel: RequestServer(
-        sock, sel, lambda head: b"answer:" + head, ends=(b"\n",), max_clients=2,
-        silent_limit=0.3))
+        sock, sel, lambda head: b"answer:" + head, ends=(b"\n",), max_clients=2))
     first = connect(driven.address)
     second = connect(driven.address)
     try:
         wait_until(lambda: len(driven.server.clients) == 2, message="two clients")
         with connect(driven.address) as third:
-            third.sendall(b"three\n")  # waits in the backlog while the two are young
-            # Once the first has been silent for silent_limit (well before its
-            # deadline) it gives its slot up, and only it.
+            third.sendall(b"three\n")  # served at once: the first gives its slot up
             assert recv_until_closed(third) == b"answer:three"
             assert recv_until_closed(first) == b""
-        second.sendall(b"two\n")
+        second.sendall(b"two\n")  # the second kept its slot
         assert recv_until_closed(second) == b"answer:two"
-        with connect(driven.address) as fourth:  # a free slot: served at once
-            fourth.sendall(b"four\n")
-            assert recv_until_closed(fourth) == b"answer:four"
+        assert driven.server.closed["evicted"] == 1
     finally:
         first.close()
         second.close()
+
+
+def test_when_every_slot_is_writing_newcomers_wait_for_one(
+        drive: Callable[..., Driven]) -> None:
+    driven = drive(lambda sock, sel: RequestServer(
+        sock, sel, lambda head: head * (BIG // len(head)), ends=(b"\n",), max_clients=1))
+    with connect(driven.address, rcvbuf=4096) as slow:
+        slow.sendall(b"slow\n")
+        wait_until(lambda: any(c.out for c in driven.server.clients.values()),
+                   message="the answer to wait for the reader")
+        with connect(driven.address) as newcomer:
+            newcomer.sendall(b"new\n")
+            newcomer.settimeout(0.2)
+            with pytest.raises(TimeoutError):  # waits in the backlog: the slot is busy
+                newcomer.recv(1)
+            assert recv_until_closed(slow) == b"slow" * (BIG // 4)
+            newcomer.settimeout(5)
+            assert recv_until_closed(newcomer) == b"new" * (BIG // 3)
+
+
+def test_a_head_over_the_limit_gets_its_431_whole(drive: Callable[..., Driven]) -> None:
+    driven = drive(lambda sock, sel: http_server(sock, sel, routes()))
+    for size in (MAX_HEAD + 1, 1024 * 1024):
+        with connect(driven.address) as sock:
+            sock.sendall(b"GET /" + b"a" * size)  # read and ignored after the answer
+            status, _, body = parse(recv_until_closed(sock))
+        assert (status, body) == (431, b"request head too large\n")
+    assert driven.server.closed["too_large"] == 2
+    wait_until(lambda: not driven.server.clients, message="the lingering clients closed")
 
 
 def test_an_empty_answer_closes_without_a_reply(drive: Callable[..., Driven]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -199,13 +200,18 @@ def test_path_too_long(tmp_path: Path) -> None:
         bind(f"unix:{tmp_path / ('x' * 120)}")
 
 
-def test_abstract_unix_socket(opened: list[Listener]) -> None:
+def test_abstract_unix_socket(opened: list[Listener], caplog: pytest.LogCaptureFixture) -> None:
     name = f"@octopus-test-{os.getpid()}-{id(opened)}"
-    listener = bind(f"unix:{name}")
+    with caplog.at_level(logging.WARNING, "octopus"):
+        listener = bind(f"unix:{name}")
     opened.append(listener)
     assert listener.name == f"unix:{name}"
     assert listener.unlink_path is None
     _assert_accepts(listener, socket.AF_UNIX, "\0" + name[1:])
+    # No file, so no mode: said once, at bind.
+    assert [record.getMessage() for record in caplog.records] == [
+        f"unix:{name} is an abstract socket: socket_mode does not apply, any local user "
+        "can connect to it (unix_allow_uids limits who may)"]
 
 
 def test_close_unlinks_own_socket(tmp_path: Path) -> None:

@@ -133,6 +133,7 @@ def test_metrics_after_known_traffic(tmp_path: Path, servers: procs.Servers) -> 
             "octopus_worker_resident_memory_bytes", "octopus_worker_cpu_seconds",
             "octopus_accept_pauses", "octopus_broadcasts_sent", "octopus_broadcasts_delivered",
             "octopus_broadcasts_dropped", "octopus_broadcast_redis_gap", "octopus_reloads",
+            "octopus_worker_buffer_cuts", "octopus_worker_pending_output_bytes",
             } <= set(found)
     gauges = {(s.name, s.labels.get("state")): s.value for s in found["octopus_workers"].samples}
     assert gauges[("octopus_workers", "ready")] == 2
@@ -154,6 +155,53 @@ def test_metrics_after_known_traffic(tmp_path: Path, servers: procs.Servers) -> 
     assert sum(w["closes"]["eof"] for w in snapshot["workers"]) == 10
     assert {"pid", "age", "connections", "messages_in", "messages_out", "bytes_in",
             "cpu_seconds", "rss_bytes"} <= set(snapshot["workers"][0])
+
+
+FLOOD_APP = """
+from octopus import SocketConnection
+
+
+class App(SocketConnection):
+    framing = "line"
+
+    def receive(self, message):
+        chunk = b"x" * 65536
+        for _ in range(int(message) // len(chunk)):
+            self.send(chunk)
+"""
+
+
+def test_worker_buffer_cuts_and_pending_output(tmp_path: Path,
+                                               servers: procs.Servers) -> None:
+    procs.write_app(tmp_path, FLOOD_APP)
+    # A Unix socket: the kernel takes ~200 KB of output for a client that does
+    # not read, where loopback TCP's autotuned send buffer takes megabytes.
+    server = servers.start("--app", "app:App", "--bind", "unix:flood.sock", "--set",
+                           "metrics_bind=127.0.0.1:0", "--set", "max_worker_buffer=4000000")
+    server.wait_for_log("metrics on ")
+    metrics = next(m for line in list(server.lines) if (m := METRICS_ON.search(line))).group(1)
+    server.wait_for_log("ready: serving on")
+    address = f"unix:{tmp_path / 'flood.sock'}"
+
+    def pending() -> float:
+        return sum(s.value for s in families(metrics)["octopus_worker_pending_output_bytes"]
+                   .samples)
+
+    with connect(address) as first, connect(address) as second:
+        first.sendall(b"3000000\n")
+        wait_until(lambda: pending() > 2_000_000, message="the first client's output")
+        second.sendall(b"2000000\n")  # 5 MB in all: the first, holding the most, goes
+        def cut() -> Samples | None:
+            samples = counters(metrics)
+            return samples if total(samples, "octopus_worker_buffer_cuts_total") else None
+
+        samples = wait_until(cut, message="a cut")
+        assert total(samples, "octopus_worker_buffer_cuts_total") == 1
+        assert total(samples, "octopus_connections_closed_total", reason="slow_consumer") == 1
+        assert len(recv_until_closed(first, allow_reset=True)) < 3_000_000
+        wait_until(lambda: 1_000_000 < pending() <= 4_000_000,
+                   message="the second client's output alone")
+    assert "max_worker_buffer" in server.log
 
 
 def test_health_is_503_while_a_worker_boots_or_the_server_stops(

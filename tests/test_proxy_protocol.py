@@ -169,6 +169,24 @@ def test_v2_addresses_match_what_accept_returns(tmp_path: Path) -> None:
     assert (info.source, info.destination) == (peer, local) == ("", path)
 
 
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b"/run/\xff\xfeclient\n.sock", "/run/\ufffd\ufffdclient\ufffd.sock"),
+    (b"/run/a\x1b[31mred\r\x7f\0hidden", "/run/a\ufffd[31mred\ufffd\ufffd"),
+    (b"/run/caf\xc3\xa9.sock", "/run/caf\u00e9.sock"),
+    (b"\0abs\ntract\0tail", "\0abs\ufffdtract"),
+    (b"\xed\xa0\x80", "\ufffd\ufffd\ufffd"),  # an encoded surrogate is not UTF-8
+])
+def test_v2_unix_paths_reach_the_application_as_printable_text(raw: bytes,
+                                                               expected: str) -> None:
+    """A proxy's AF_UNIX path is text up to its first NUL, with no lone surrogate
+    nor control character: the application may log or compare it safely."""
+    info, _ = feed_chunks([v2(unix(raw, b"/run/\n"), family=0x31)])
+    assert (info.source, info.destination) == (expected, "/run/\ufffd")
+    assert isinstance(info.source, str)
+    info.source.encode("utf-8")  # no lone surrogate
+    assert info.source.lstrip("\0").isprintable()
+
+
 TCP4 = b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"
 V2_HEAD = V2_SIGNATURE + b"\x21\x11"
 END = -1  # errors found once the header is complete, at its last byte

@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import procs
 from tests.helpers import wait_until
 
@@ -202,3 +204,23 @@ def test_hup_during_the_first_boot_reloads_once_it_is_ready(
     (tmp_path / "booted").touch()
     server.wait_ready()
     server.wait_for_log("reload complete")
+
+
+@pytest.mark.timeout(120)  # ~20 s on 2 idle cores: each worker imports the loop after fork
+def test_many_workers_start_and_reload(tmp_path: Path, servers: procs.Servers) -> None:
+    """The scoreboard is sized from ``workers``: 130 of them reload (260 at once),
+    which the fixed 256 slots refused."""
+    count = 130
+    procs.write_app(tmp_path, "from octopus import SocketConnection as App\n")
+    server = servers.start("--app", "app:App", "--bind", "127.0.0.1:0", "--workers",
+                           str(count), "--graceful-timeout", "1",
+                           "--timeout", "60")
+    server.wait_for_log("ready: serving on", timeout=50)
+    old = set(server.wait_workers(count, timeout=10))
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: server.count("reload complete") or server.count("reload failed"),
+               timeout=50, message=f"the reload's outcome; log:\n{server.log}")
+    assert server.count("reload complete: generation 2 serving"), server.log
+    new = set(server.wait_workers(count, timeout=10, without=tuple(old)))
+    assert len(new) == count
+    assert "scoreboard" not in server.log

@@ -89,3 +89,11 @@ def test_slots_are_shared_with_a_forked_child() -> None:
         os._exit(0)
     os.waitpid(pid, 0)
     assert board.read(slot).connections == 5
+
+
+def test_capacity_grows_with_workers() -> None:
+    from octopus.coordination.scoreboard import CAPACITY, capacity_for
+
+    assert capacity_for(1) == CAPACITY
+    # A reload of 192 workers ("auto" on a big host) after TTIN took them to 384.
+    assert capacity_for(192) >= 2 * 2 * 192

@@ -10,7 +10,9 @@ from octopus.core.host import Host
 class BroadcastHost(Host, Protocol):
     broadcasts_delivered: int
     broadcasts_dropped: int
-    redis_gap: int  # messages Redis dropped for this subscriber
+    redis_gap: int  # broadcasts that did not reach other servers
+    redis_malformed: int  # messages on the channel that no octopus server sent
+    internal_refused: int  # strangers refused on the sockets between workers
 
     def deliver(self, message: bytes) -> None:
         """Send ``message`` to this worker's clients."""

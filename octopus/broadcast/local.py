@@ -2,12 +2,19 @@
 
 Why a mesh: a relay through the master would copy every message twice and
 serialise all workers on one process. Here each worker listens on an
-abstract-namespace Unix socket named after the master, its scoreboard slot
-and its pid (``\\0octopus-broadcast/<master>/<slot>/<pid>``: no file, gone
-with the process, never confused with a reused slot), and connects lazily to
-each peer it finds ready or retiring in the scoreboard. A worker replaced
-after a crash or a reload has a new name and simply joins; links to a dead
-peer fail with EPIPE or ECONNREFUSED and are dropped.
+abstract-namespace Unix socket with an unguessable name that it publishes in
+its scoreboard slot (``octopus.core.peers``: no file, gone with the process,
+never confused with a reused slot), and connects lazily to each peer it finds
+ready or retiring in the scoreboard. A worker replaced after a crash or a
+reload has a new name and simply joins; links to a dead peer fail with EPIPE
+or ECONNREFUSED and are dropped.
+
+Anyone on the host can see and reach the name, so a link is admitted only
+from a live worker of this master (``SO_PEERCRED``) before a byte of it is
+read, it must send its hello within ``HELLO_TIMEOUT``, and a frame longer
+than ``max_message_size`` ends the link before its body is buffered. A
+broadcast longer than that reaches this worker's connections only (counted
+as dropped).
 
 Guarantees, from facts about Unix stream sockets: a link is reliable and
 FIFO, and each (sender, receiver) pair has exactly one link, so every
@@ -38,18 +45,19 @@ import struct
 from octopus.broadcast.host import BroadcastHost
 from octopus.broadcast.ledger import Key, Ledger
 from octopus.coordination.scoreboard import Scoreboard
-from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, accept_waiting
+from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Timer
+from octopus.core.peers import InternalListener, Peers, address, bind_unique, peer_credentials
+from octopus.logs import RateLimited
 
 log = logging.getLogger("octopus.worker")
 
 LINK_LIMIT = 64 * 1024 * 1024
 RECV_SIZE = 256 * 1024
+HELLO_TIMEOUT = 1.0  # seconds an admitted link may take to send its hello
+MAX_UNIDENTIFIED = 64  # links admitted whose hello has not come yet
 _HEADER = struct.Struct(">IQ")  # body length, the sender's number for it
 _HELLO = struct.Struct(">iiQ")  # sender's slot and pid, its last number before this link
-
-
-def _name(namespace: str, slot: int, pid: int) -> str:
-    return f"\0octopus-broadcast/{namespace}/{slot}/{pid}"
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Link:
@@ -90,15 +98,22 @@ class _Link:
 class _Inbound:
     """A link from one peer: its hello, then numbered messages to deliver here."""
 
-    def __init__(self, mesh: LocalMesh, sock: socket.socket) -> None:
-        self.mesh, self.sock = mesh, sock
+    def __init__(self, mesh: LocalMesh, sock: socket.socket, pid: int) -> None:
+        self.mesh, self.sock, self.pid = mesh, sock, pid  # pid: SO_PEERCRED's
         self.key: Key | None = None  # from the hello
         self.buf = bytearray()
+        self.closed = False
         mesh.inbound.add(self)
         mesh.loop.register(sock.fileno(), EPOLLIN, self.on_readable)
+        self.timer: Timer | None = mesh.loop.call_later(HELLO_TIMEOUT, self._no_hello)
         # The sender wrote its hello right after connecting: read it now, so
         # that a sync() knows every sender linked so far.
         self.on_readable(0)
+
+    def _no_hello(self) -> None:
+        self.timer = None
+        if self.key is None and not self.closed:
+            self.mesh.cut(self, f"no hello in {HELLO_TIMEOUT:.0f}s")
 
     def on_readable(self, mask: int) -> None:
         try:
@@ -117,21 +132,34 @@ class _Inbound:
             if len(buf) < _HELLO.size:
                 return
             slot, pid, start = _HELLO.unpack_from(buf)
+            if pid != self.pid:
+                self.mesh.cut(self, f"its hello names pid {pid}")
+                return
             self.key = (slot, pid)
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
             pos = _HELLO.size
             if self.mesh.ledger is not None:
                 self.mesh.ledger.linked(self.key, start)
         pos = self._deliver(buf, pos)
+        if pos < 0:  # a frame over the bound: cut (the link is closed)
+            return
         del buf[:pos]
 
     def _deliver(self, buf: bytearray, pos: int) -> int:
-        """Deliver every complete frame from ``pos``; return where the rest starts."""
+        """Deliver every complete frame from ``pos``; return where the rest starts,
+        or -1 when a frame declares more than the bound (the link is then cut)."""
         ledger, deliver, key = self.mesh.ledger, self.mesh.worker.deliver, self.key
         assert key is not None
         header, unpack, end = _HEADER.size, _HEADER.unpack_from, len(buf)
+        bound, too_large = self.mesh.max_frame, 0
         with memoryview(buf) as view:
             while end - pos >= header:
                 size, seq = unpack(view, pos)
+                if size > bound:  # before its body is buffered
+                    too_large = size
+                    break
                 stop = pos + header + size
                 if stop > end:
                     break
@@ -141,12 +169,22 @@ class _Inbound:
                     deliver(message)
                 else:
                     ledger.receive(key, seq, message)
+        if too_large:
+            self.mesh.cut(self, f"a frame of {too_large} bytes")
+            return -1
         return pos
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.mesh.inbound.discard(self)
         self.mesh.loop.unregister(self.sock.fileno())
         self.sock.close()
+        self.buf = bytearray()
         if self.key is not None and self.mesh.ledger is not None:
             self.mesh.ledger.unlinked(self.key)
 
@@ -158,22 +196,33 @@ class LocalMesh:
         self.namespace = namespace
         self.ledger = ledger
         self.seq = 0  # the number of this worker's latest broadcast
+        self.max_frame = worker.max_message_size  # the longest frame body a link may carry
         self.links: dict[tuple[int, int], _Link] = {}
         self.inbound: set[_Inbound] = set()
         self._pending: list[_Link] = []
+        self._warn_cut = RateLimited(log)
+        self._warn_unreachable = RateLimited(log)
+        self._warn_too_large = RateLimited(log)
         if ledger is not None:
             ledger.sync = self.sync
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(_name(namespace, slot, os.getpid()))
-        self.listener.listen(128)
-        self.listener.setblocking(False)
-        self.loop.register(self.listener.fileno(), EPOLLIN, self._accept)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM
+                             | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        board.set_token(slot, "broadcast", bind_unique(sock, "broadcast", namespace))
+        sock.listen(128)
+        self.peers = Peers(board.pids, self.refused)
+        self.listener = InternalListener(self.loop, sock, "broadcast", self.peers,
+                                         self._admit)
 
     def publish(self, message: bytes) -> None:
         self.seq = seq = self.seq + 1
         self.worker.deliver(message)
         peers = self.board.peers(self.slot)
-        if peers:
+        if peers and len(message) > self.max_frame:
+            self.worker.broadcasts_dropped += len(peers)
+            self._warn_too_large.warning(
+                "broadcast: a message of %d bytes is over max_message_size (%d): "
+                "delivered in this worker only", len(message), self.max_frame)
+        elif peers:
             self._send(peers, _HEADER.pack(len(message), seq) + message)
         if self.ledger is not None:  # after every link it needed exists: see Ledger.sent
             self.ledger.sent(seq, message)
@@ -203,11 +252,22 @@ class LocalMesh:
                 link.flush()
 
     def _connect(self, key: tuple[int, int]) -> _Link | None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        """A link to the peer ``key`` (slot, pid), or None: not bound yet, gone,
+        or no descriptor left here (the broadcast is then counted as dropped)."""
+        token = self.board.token(key[0], "broadcast")
+        if token is None:  # still booting: it has no connection to deliver to yet
+            return None
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM
+                                 | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            self._unreachable(key, exc.errno or errno.EMFILE)
+            return None
         # connect() on a Unix stream socket completes at once, or fails with
         # EAGAIN when the peer's backlog is full (it is then busy or stuck).
-        err = sock.connect_ex(_name(self.namespace, *key))
+        err = sock.connect_ex(address("broadcast", self.namespace, token))
+        if err == 0 and peer_credentials(sock)[0] != key[1]:
+            err = errno.ESRCH  # the slot changed hands since we read it
         if err == 0:
             # Connected (queued in the peer's backlog): the hello fits the empty buffer.
             # Called from publish(): the link carries broadcasts from self.seq on.
@@ -217,13 +277,40 @@ class LocalMesh:
                 err = exc.errno or errno.EPIPE
         if err != 0:
             sock.close()
-            if err not in (errno.ECONNREFUSED, errno.ENOENT):
-                log.debug("broadcast: cannot reach worker pid %d: %s", key[1], os.strerror(err))
+            self._unreachable(key, err)
             return None
         link = _Link(self, key, sock)
         self.loop.register(link.fd, 0, link.flush)
         self.links[key] = link
         return link
+
+    def _unreachable(self, key: tuple[int, int], err: int) -> None:
+        if err in _RESOURCE_ERRNOS:
+            self.worker.broadcasts_dropped += 1
+            self._warn_unreachable.warning("broadcast: cannot reach worker pid %d: %s",
+                                           key[1], os.strerror(err))
+        elif err not in (errno.ECONNREFUSED, errno.ENOENT, errno.ESRCH):
+            log.debug("broadcast: cannot reach worker pid %d: %s", key[1], os.strerror(err))
+
+    def _admit(self, sock: socket.socket, pid: int) -> None:
+        """A link from a live worker: wait for its hello (a bounded number at once)."""
+        waiting = sum(1 for inbound in self.inbound if inbound.key is None)
+        if waiting >= MAX_UNIDENTIFIED:
+            sock.close()
+            self.refused()
+            self._warn_cut.warning("broadcast: refused a link from pid %d: %d links await "
+                                   "their hello", pid, waiting)
+            return
+        _Inbound(self, sock, pid)
+
+    def refused(self) -> None:
+        self.worker.internal_refused += 1
+
+    def cut(self, inbound: _Inbound, why: str) -> None:
+        """End a link that broke the protocol (counted; rate-limited warning)."""
+        self.refused()
+        self._warn_cut.warning("broadcast: closing a link from pid %d: %s", inbound.pid, why)
+        inbound.close()
 
     def close(self) -> None:
         """Close every socket of the mesh (a worker process just exits)."""
@@ -231,18 +318,11 @@ class LocalMesh:
             link.close()
         for inbound in list(self.inbound):
             inbound.close()
-        self.loop.unregister(self.listener.fileno())
         self.listener.close()
 
     def sync(self) -> None:
         """Take in what peers have sent so far: links waiting to be accepted
         (with their hellos), and what the open links have received."""
-        self._accept(0)
+        self.listener.accept()
         for inbound in list(self.inbound):
             inbound.on_readable(0)
-
-    def _accept(self, mask: int) -> None:
-        for sock in accept_waiting(self.listener, "broadcast"):
-            sock.setblocking(False)
-            _Inbound(self, sock)
-

@@ -2,97 +2,119 @@
 
 Every worker of every server subscribes to ``broadcast_channel``. A broadcast
 is delivered at once to this server (through the local mesh when there are
-several workers) and published to Redis tagged with this server's origin;
-each worker delivers what arrives from other origins to its own connections.
-So a message reaches every connection exactly once while Redis is up, and
-each sender's messages keep their order (Redis delivers one publisher's
-messages to a subscriber in order).
+several workers) and published to Redis tagged with this server's origin
+(``<origin>\\0<message>``); each worker delivers what arrives from other
+origins to its own connections. So a message reaches every connection exactly
+once while Redis is up, and each sender's messages keep their order (Redis
+delivers one publisher's messages to a subscriber in order).
 
 Redis pub/sub is at-most-once: what is published while a server is cut off
 from Redis never reaches it. The gap is logged when the link comes back.
 
-The loop never waits on Redis: PUBLISH commands are written on a non-blocking
-socket (replies are read and discarded as they come), and the subscription's
-socket is registered in the worker's epoll. Only (re)connecting blocks, for
-at most ``CONNECT_TIMEOUT``, and it is retried with back-off.
+The loop never waits on Redis: both links (one to publish, one subscribed)
+are non-blocking sockets in the worker's epoll (``redis_link``), from connect
+to the last reply. A link that is not up within ``HANDSHAKE_TIMEOUT`` counts
+as lost, and reconnecting is retried with back-off. PUBLISH replies are read
+and checked for errors; broadcasts made while the links come up wait in the
+publisher's buffer, up to ``MAX_PENDING`` bytes.
+
+Anyone who can reach Redis can publish on the channel: a message without an
+origin, or larger than ``MAX_MESSAGE``, is dropped and counted
+(``redis_malformed``), never taken for a broken link.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
+from octopus.broadcast import resp
 from octopus.broadcast.host import BroadcastHost
-from octopus.core.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
+from octopus.broadcast.redis_link import RedisLink, Target
+from octopus.core.loop import Timer
+from octopus.logs import RateLimited
 
 log = logging.getLogger("octopus.worker")
 
-CONNECT_TIMEOUT = 0.25
-READ_TIMEOUT = 1.0  # bounds a wait for the rest of a message Redis already started
+HANDSHAKE_TIMEOUT = 2.0  # connect, TLS, AUTH and SUBSCRIBE, without ever blocking
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 MAX_PENDING = 64 * 1024 * 1024  # unsent PUBLISH bytes before we drop them while Redis is slow
+# Redis cuts a subscriber whose output passes 32 MiB (client-output-buffer-limit
+# pubsub); a larger message on the channel is not one of ours.
+MAX_MESSAGE = 64 * 1024 * 1024
+MAX_ORIGIN = 512  # the NUL that ends the origin is within this many bytes
 
 
 class RedisBroadcast:
     def __init__(self, worker: BroadcastHost, url: str, channel: str,
                  local: Callable[[bytes], None], origin: str) -> None:
-        self.worker, self.loop, self.url, self.channel = worker, worker.loop, url, channel
+        self.worker, self.loop, self.channel = worker, worker.loop, channel
         self.local = local  # delivers to this whole server
         self.origin = origin.encode() + b"\0"
-        self.client = redis.Redis.from_url(
-            url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=READ_TIMEOUT,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0)
-        self.pubsub: Any = None
-        self.pub_conn: Any = None
-        self.pub_sock: socket.socket | None = None
-        self.wbuf = bytearray()
+        self.target = Target.from_url(url)
+        self.url = self.target.shown  # for the log: without the password
+        self.pub: RedisLink | None = None
+        self.sub: RedisLink | None = None
+        self.handshakes = 0  # publisher replies still due before PUBLISH replies
+        self.subscribed = False
+        self.up = False
+        self._handshake_timer: Timer | None = None
         self.lost_at: float | None = None
         self.backoff = BACKOFF_FIRST
         self.dropped = 0
+        self.refused = RateLimited(log, 1.0)
+        self.malformed = RateLimited(log, 1.0)
         self._connect()
 
     def publish(self, message: bytes) -> None:
         self.local(message)
-        if self.pub_sock is None:
+        if self.pub is None:
             self.dropped += 1
             self.worker.redis_gap += 1
             return
-        command = b"".join(self.pub_conn.pack_command("PUBLISH", self.channel,
-                                                      self.origin + message))
-        if len(self.wbuf) + len(command) > MAX_PENDING:
+        command = resp.pack("PUBLISH", self.channel, self.origin + message)
+        if self.pub.pending + len(command) > MAX_PENDING:
             if not self.dropped:
                 log.warning("broadcast: Redis at %s is not keeping up; broadcasts to other "
                             "servers are dropped until it catches up", self.url)
             self.dropped += 1
             self.worker.redis_gap += 1
             return
-        was_empty = not self.wbuf
-        self.wbuf += command
-        if was_empty:
-            self._flush()
+        self.pub.write(command)
+        if not self.pub.pending and self.dropped and self.lost_at is None:
+            self._caught_up()
+
+    def _caught_up(self) -> None:
+        log.warning("broadcast: Redis caught up; %d broadcast(s) did not reach other "
+                    "servers", self.dropped)
+        self.dropped = 0
 
     def _connect(self) -> None:
-        try:
-            self.pub_conn = self.client.connection_pool.make_connection()
-            self.pub_conn.connect()
-            self.pubsub = self.client.pubsub()
-            self.pubsub.subscribe(self.channel)
-        except (redis.RedisError, OSError) as exc:
-            self._lost(exc)
+        login = self.target.login()
+        self.handshakes = 2 if login else 1
+        self.subscribed = self.up = False
+        # PING: its PONG says the publisher's link works (and the login with it).
+        self.pub = RedisLink(self.loop, self.target, 1024, self._on_publisher_reply,
+                             self._lost)
+        self.sub = RedisLink(self.loop, self.target, MAX_MESSAGE, self._on_message, self._lost)
+        self.pub.write(login + resp.pack("PING"))
+        self.sub.write(login + resp.pack("SUBSCRIBE", self.channel))
+        self._handshake_timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
+        for link in (self.pub, self.sub):
+            link.start()  # a failure at once tears both down and schedules the retry
+
+    def _too_slow(self) -> None:
+        self._handshake_timer = None
+        self._lost(TimeoutError(f"no answer within {HANDSHAKE_TIMEOUT:.1f}s"))
+
+    def _on_up(self) -> None:
+        if self.handshakes or not self.subscribed:
             return
-        # redis-py keeps the socket private; the loop needs its descriptor.
-        self.pub_sock = self.pub_conn._sock
-        assert self.pub_sock is not None
-        self.pub_sock.setblocking(False)
-        self.loop.register(self.pub_sock.fileno(), EPOLLIN, self._on_publisher)
-        self.loop.register(self.pubsub.connection._sock.fileno(), EPOLLIN, self._on_messages)
+        self.up = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         if self.lost_at is not None:
             log.warning("broadcast: Redis at %s is back after %.1fs; %d broadcast(s) of this "
                         "worker did not reach other servers meanwhile",
@@ -108,64 +130,48 @@ class RedisBroadcast:
         self.backoff = min(BACKOFF_MAX, self.backoff * 2)
 
     def _teardown(self) -> None:
-        if self.pub_sock is not None:
-            self.loop.unregister(self.pub_sock.fileno())
-            self.pub_sock = None
-        if self.pubsub is not None:
-            conn = self.pubsub.connection
-            if conn is not None and conn._sock is not None:
-                self.loop.unregister(conn._sock.fileno())
-            self.pubsub.reset()
-            self.pubsub = None
-        if self.pub_conn is not None:
-            self.pub_conn.disconnect()
-            self.pub_conn = None
-        self.wbuf.clear()
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        for link in (self.pub, self.sub):
+            if link is not None:
+                link.close()
+        self.pub = self.sub = None
+        self.up = False
 
-    def _flush(self) -> None:
-        assert self.pub_sock is not None
-        try:
-            sent = self.pub_sock.send(self.wbuf)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self._lost(exc)
+    def _on_publisher_reply(self, reply: resp.Reply) -> None:
+        if isinstance(reply, resp.Error):
+            if self.handshakes:
+                self._lost(ConnectionError(reply.decode(errors="replace")))
+                return
+            self.refused.warning("broadcast: Redis refused a PUBLISH: %s",
+                                 reply.decode(errors="replace"))
+        elif self.handshakes:
+            self.handshakes -= 1
+            self._on_up()
+        if self.pub is not None and not self.pub.pending and self.dropped and self.up:
+            self._caught_up()
+
+    def _on_message(self, reply: resp.Reply) -> None:
+        if isinstance(reply, resp.Error):  # refused AUTH or SUBSCRIBE
+            self._lost(ConnectionError(reply.decode(errors="replace")))
             return
-        del self.wbuf[:sent]
-        if not self.wbuf and self.dropped and self.lost_at is None:
-            log.warning("broadcast: Redis caught up; %d broadcast(s) did not reach other "
-                        "servers", self.dropped)
-            self.dropped = 0
-        self.loop.modify(self.pub_sock.fileno(), EPOLLIN | (EPOLLOUT if self.wbuf else 0))
+        if not isinstance(reply, list) or not reply:
+            return  # the +OK of AUTH
+        kind = reply[0]
+        if kind == b"subscribe":
+            self.subscribed = True
+            self._on_up()
+        elif kind == b"message" and len(reply) == 3:
+            data = reply[2]
+            if not isinstance(data, bytes) or (end := data.find(b"\0", 0, MAX_ORIGIN)) < 0:
+                self._malformed(data)
+            elif not data.startswith(self.origin):
+                self.worker.deliver(data[end + 1:])
 
-    def _on_publisher(self, mask: int) -> None:
-        assert self.pub_sock is not None
-        if mask & EPOLLOUT:
-            self._flush()
-            if self.pub_sock is None:
-                return
-        if mask & (EPOLLIN | EPOLLERR | EPOLLHUP):
-            try:
-                replies = self.pub_sock.recv(65536)  # ":<subscribers>\r\n" per PUBLISH
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._lost(exc)
-                return
-            if not replies:
-                self._lost(ConnectionError("connection closed by Redis"))
-            elif replies.startswith(b"-") or b"\n-" in replies:
-                log.warning("broadcast: Redis refused a PUBLISH: %s",
-                            replies.split(b"\r\n", 1)[0].decode(errors="replace"))
-
-    def _on_messages(self, mask: int) -> None:
-        origin, deliver = self.origin, self.worker.deliver
-        try:
-            # None means nothing is buffered or readable; subscribe confirmations
-            # come back as messages of another type.
-            while (message := self.pubsub.get_message(timeout=0.0)) is not None:
-                data = message["data"]
-                if message["type"] == "message" and not data.startswith(origin):
-                    deliver(data[data.index(b"\0") + 1:])
-        except (redis.RedisError, OSError, ValueError) as exc:
-            self._lost(exc)
+    def _malformed(self, data: resp.Reply) -> None:
+        self.worker.redis_malformed += 1
+        what = (f"over {MAX_MESSAGE} bytes" if data is resp.TOO_LARGE
+                else f"no origin: {data[:40] if isinstance(data, bytes) else data!r}")
+        self.malformed.warning("broadcast: dropped a message on Redis channel %r that no "
+                               "octopus server sent (%s)", self.channel, what)

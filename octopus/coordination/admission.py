@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from octopus.config import Settings
 from octopus.core.counters import REFUSE_REASONS
+from octopus.logs import RateLimited
 
 log = logging.getLogger("octopus.worker")
 
@@ -189,8 +190,7 @@ class Admission:
     held: dict[int, str] = field(default_factory=dict)  # fd -> key, to give back
     refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSE_REASONS, 0))
     would_refuse: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSE_REASONS, 0))
-    _logged_at: float = -math.inf
-    _unlogged: int = 0  # refusals since the last log line
+    _warn: RateLimited = field(default_factory=lambda: RateLimited(log, LOG_INTERVAL))
 
     @property
     def evictions(self) -> int:
@@ -240,17 +240,9 @@ class Admission:
     def _verdict(self, reason: str, who: str) -> str | None:
         """Count a refusal (or, in a dry run, what would have been one) and
         say so in the log, one line a second at most: a flood stays readable."""
-        counts = self.would_refuse if self.dry_run else self.refused
-        counts[reason] += 1
-        self._unlogged += 1
-        now = self.clock()
-        if now - self._logged_at >= LOG_INTERVAL:
-            more = (f"; {self._unlogged - 1} more since the last such line"
-                    if self._unlogged > 1 else "")
-            log.warning("%s connection from %s (%s)%s",
-                        "admission_dry_run: would refuse a" if self.dry_run else "refused a",
-                        who, reason, more)
-            self._logged_at, self._unlogged = now, 0
+        (self.would_refuse if self.dry_run else self.refused)[reason] += 1
+        self._warn.warning("%s connection from %s (%s)", "admission_dry_run: would refuse a"
+                           if self.dry_run else "refused a", who, reason)
         return None if self.dry_run else reason
 
 

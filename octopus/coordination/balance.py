@@ -20,9 +20,20 @@ whose wakeup it took would wait for the next arrival. Instead it
 1. re-adds its registration, moving to the tail of the queue, so that new
    arrivals wake the others first; it keeps seeing the backlog, and takes
    one connection per loop iteration while it stays above its share;
-2. nudges the least-loaded ready peer with an empty datagram on that peer's
-   abstract-namespace Unix socket; the peer accepts at once, up to a whole
-   burst, from a backlog nothing else would have told it about.
+2. nudges the least-loaded ready peer with a signal (``NUDGE``); the peer
+   accepts at once, up to a whole burst, from a backlog nothing else would
+   have told it about.
+
+Why a signal and not a datagram socket: an abstract-namespace socket can be
+reached by any user on the host (see ``octopus.core.peers``), and a flood of
+datagrams costs the worker a read each, whoever sent them. ``kill()`` is
+refused (EPERM) unless the sender's uid matches the worker's (or it has
+CAP_KILL), so no stranger can nudge at all. Facts the nudge relies on:
+SIGURG's default action is to ignore it (a nudge before the handler is
+installed is lost, never fatal); standard signals do not queue, so a burst
+of nudges wakes the peer once; the loop's wakeup fd (``set_wakeup_fd``) turns
+the signal into an ordinary callback. No socket here has an owner set with
+``F_SETOWN``, so the kernel sends no SIGURG of its own.
 
 Nothing ever waits on a timer, and a lost nudge (the peer died) costs
 fairness, never a stranded client.
@@ -30,19 +41,16 @@ fairness, never a stranded client.
 
 from __future__ import annotations
 
-import socket
+import os
+import signal
 from typing import TYPE_CHECKING, Protocol
 
 from octopus.coordination.scoreboard import Scoreboard
-from octopus.core.loop import EPOLLIN
 
 if TYPE_CHECKING:
     from octopus.core.loop import Loop
 
-
-def _name(namespace: str, slot: int) -> str:
-    # Slots are unique among live workers; the name is gone with the process.
-    return f"\0octopus-accept/{namespace}/{slot}"
+NUDGE = signal.SIGURG
 
 
 class Accepting(Protocol):
@@ -62,15 +70,13 @@ class Balancer:
         self.board, self.slot, self.namespace = board, slot, namespace
         self.expects_peers = workers > 1
         self._least_loaded = -1  # a peer's slot, from the last look at the scoreboard
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-        self.sock.bind(_name(namespace, slot))
         self._worker: Accepting | None = None
 
     def attach(self, worker: Accepting) -> None:
         """Accept on nudges from peers, and give ``worker`` its fair share."""
         self._worker = worker
         worker.balancer = self
-        worker.loop.register(self.sock.fileno(), EPOLLIN, self._on_nudge)
+        worker.loop.add_signal_handler(NUDGE, self._on_nudge)
 
     def limit(self, connections: int) -> int:
         """How many connections this worker may hold (and publish how many it holds)."""
@@ -86,20 +92,18 @@ class Balancer:
 
     def nudge_peer(self) -> None:
         """Wake the least-loaded peer to accept what waits in the backlog."""
-        if self._least_loaded >= 0:
+        if self._least_loaded < 0:
+            return
+        pid = self.board.read(self._least_loaded).pid
+        if pid > 0:  # 0: not forked yet; kill(0) would signal our whole group
             try:
-                self.sock.sendto(b"", _name(self.namespace, self._least_loaded))
-            except OSError:  # gone, or its queue is full: it has nudges pending anyway
+                os.kill(pid, NUDGE)
+            except OSError:  # gone meanwhile
                 pass
 
-    def _on_nudge(self, mask: int) -> None:
-        while True:
-            try:
-                self.sock.recv(1)
-            except OSError:
-                break
+    def _on_nudge(self) -> None:
         if self._worker is not None:
             self._worker.accept_pending()
 
     def close(self) -> None:
-        self.sock.close()
+        """Nothing to release: the loop restores the signal's handler when it closes."""

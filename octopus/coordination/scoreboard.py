@@ -49,9 +49,28 @@ _COUNTERS_AT = _SEQUENCE_AT + _SEQUENCE.size
 # worker at each broadcast when reload_handoff is on; see octopus.broadcast.ledger).
 _BROADCAST = struct.Struct("=q")
 _BROADCAST_AT = _COUNTERS_AT + _COUNTERS.size
-_SLOT_SIZE = _BROADCAST_AT + _BROADCAST.size
+# Then the tokens of the worker's socket names (octopus.core.peers), one per
+# channel, written once by the worker after it binds. A slot is cleared to
+# zeros when claimed and tokens are hex digits, so a token being written
+# reads with a NUL in it: not there yet.
+CHANNELS = ("broadcast", "handoff")
+_TOKEN_SIZE = 16
+_NAMES_AT = _BROADCAST_AT + _BROADCAST.size
+# Then the worker's pending output in bytes (a gauge), written at heartbeat time.
+_PENDING = struct.Struct("=q")
+_PENDING_AT = _NAMES_AT + len(CHANNELS) * _TOKEN_SIZE
+_SLOT_SIZE = _PENDING_AT + _PENDING.size
 _READ_TRIES = 100
-CAPACITY = 256
+CAPACITY = 256  # the fewest slots a scoreboard gets
+
+
+def capacity_for(workers: int) -> int:
+    """Slots for a server started with ``workers``. The mapping is shared with
+    every worker, so it cannot grow later: a reload runs two generations at
+    once, and as many again leaves room for TTIN, for a reload that raises
+    ``workers``, or for a reload while the last one's workers still retire.
+    Pages the kernel never touches cost no memory (MAP_ANONYMOUS)."""
+    return max(CAPACITY, 4 * workers)
 # A worker may exceed the average by this many connections before it yields
 # new ones to the others: small enough to spread, large enough that workers
 # with equal counts do not all refuse at once.
@@ -197,6 +216,32 @@ class Scoreboard:
         while (again := _BROADCAST.unpack_from(self._mem, at)[0]) != seq:
             seq = again
         return int(seq)
+
+    def set_pending_output(self, index: int, size: int) -> None:
+        _PENDING.pack_into(self._mem, self._offset(index) + _PENDING_AT, size)
+
+    def pending_output(self, index: int) -> int:
+        return int(_PENDING.unpack_from(self._mem, self._offset(index) + _PENDING_AT)[0])
+
+    def set_token(self, index: int, channel: str, token: str) -> None:
+        """Publish the token of the name this slot's worker bound for ``channel``."""
+        at = self._offset(index) + _NAMES_AT + CHANNELS.index(channel) * _TOKEN_SIZE
+        self._mem[at:at + _TOKEN_SIZE] = token.encode("ascii").ljust(_TOKEN_SIZE, b"\0")
+
+    def token(self, index: int, channel: str) -> str | None:
+        """The token of the slot's ``channel`` name; None until it is published."""
+        at = self._offset(index) + _NAMES_AT + CHANNELS.index(channel) * _TOKEN_SIZE
+        raw = self._mem[at:at + _TOKEN_SIZE]
+        return None if b"\0" in raw else raw.decode("ascii")
+
+    def pids(self) -> list[int]:
+        """The pids of every claimed slot (booting, ready or retiring)."""
+        mem, unpack, found = self._mem, struct.unpack_from, []
+        for index in range(_HEADER.unpack_from(mem, 0)[0]):
+            offset = self._offset(index)
+            if mem[offset + _STATE_AT] != FREE:
+                found.append(unpack("=i", mem, offset)[0])
+        return found
 
     def close(self) -> None:
         self._mem.close()

@@ -74,6 +74,7 @@ log = logging.getLogger("octopus.worker")
 
 OPEN, CLOSING, LINGER, CLOSED, CONNECTING = range(5)
 RECV_SIZE = 65536
+OUTPUT_STEP = 4096  # bytes: the least a connection's reservation grows by (see _reserve)
 _READABLE = EPOLLIN | EPOLLERR | EPOLLHUP
 _PAUSED = select.EPOLLET  # the read half of a paused registration (see above)
 _ALL_BUT_OUT = ~EPOLLOUT
@@ -114,6 +115,7 @@ class SocketConnection:
         "_state",
         "_wbuf",
         "_worker",
+        "_wreserved",
         "address",
         "credentials",
         "proxied_by",
@@ -132,6 +134,7 @@ class SocketConnection:
     _peer_done: bool
     _reason: str  # why it is closing (octopus.core.counters.CLOSE_REASONS)
     _wbuf: bytearray
+    _wreserved: int  # this connection's share of the worker's pending_output (see _reserve)
     _events: int
     _last_input: float
     _idle_timer: Timer | None
@@ -192,8 +195,8 @@ class SocketConnection:
                 wbuf += data
             else:
                 framer.frame_into(wbuf, data)
-            if len(wbuf) > worker.max_write_buffer:
-                self._slow_consumer()
+            if len(wbuf) > self._wreserved:
+                self._output_grew()
             return
         if framer is not None:
             data = framer.frame(data)
@@ -207,9 +210,7 @@ class SocketConnection:
         worker.bytes_out += sent
         if sent < len(data):
             wbuf += memoryview(data)[sent:]
-            if len(wbuf) > worker.max_write_buffer:
-                self._slow_consumer()
-            else:
+            if len(wbuf) <= self._wreserved or self._output_grew():
                 self._watch(self._events | EPOLLOUT)  # EPOLLIN, or paused
 
     def disconnect(self) -> None:
@@ -316,7 +317,7 @@ class SocketConnection:
         else:  # after a PROXY header or a TLS handshake
             self.tls, self.proxied_by = preamble.tls_info(), preamble.proxied_by
             self._framer = preamble.wrap(self, self._framer)
-            self._wbuf += preamble.unsent()
+            self._queue_output(preamble.unsent())
             if self._wbuf:
                 self._events = EPOLLIN | EPOLLOUT
         worker.loop.register(self._fd, self._events, self._on_events)
@@ -339,6 +340,7 @@ class SocketConnection:
         self._reason = "eof"
         self._corked = False
         self._wbuf = bytearray()
+        self._wreserved = 0
         self._idle_timer = None
         if self._async is not None:
             self._aio = self._async(worker)
@@ -511,6 +513,8 @@ class SocketConnection:
             return
         self._worker.bytes_out += sent
         del self._wbuf[:sent]
+        if len(self._wbuf) < self._wreserved >> 1:
+            self._reserve()
         if self._wbuf:
             if self._state == OPEN:
                 self._watch(self._events | EPOLLOUT)  # EPOLLIN, or paused
@@ -560,8 +564,10 @@ class SocketConnection:
         else:
             self._idle_timer = self._worker.loop.call_later(timeout - idle_for, self._check_idle)
 
-    def _slow_consumer(self) -> None:
-        log.warning("disconnecting slow consumer %r: %d bytes pending", self, len(self._wbuf))
+    def _slow_consumer(self, quiet: bool = False) -> None:
+        if not quiet:
+            log.warning("disconnecting slow consumer %r: %d bytes pending", self,
+                        len(self._wbuf))
         self._worker.slow_consumers += 1
         self._abort("slow_consumer")
 
@@ -574,8 +580,55 @@ class SocketConnection:
 
     def _abort(self, reason: str) -> None:
         """End now, discarding pending output; ``reason`` is counted (CLOSE_REASONS)."""
-        self._wbuf.clear()
+        self._drop_output()
         self._finish(reason)
+
+    # The worker's ``pending_output`` is the sum of the connections' reservations
+    # (``_wreserved``), each at least ``len(_wbuf)``: a reservation grows in
+    # steps (an eighth of the buffer, plus OUTPUT_STEP), so send() only compares
+    # the buffer with it, and comes here when it outgrows it; a flush that
+    # halves the buffer gives back what it no longer needs.
+
+    def _reserve(self) -> None:
+        """Reserve for what is pending now, plus a step (nothing when nothing is)."""
+        size = len(self._wbuf)
+        reserve = size and max(size, min(size + (size >> 3) + OUTPUT_STEP,
+                                         self._worker.max_write_buffer))
+        self._worker.pending_output += reserve - self._wreserved
+        self._wreserved = reserve
+
+    def _output_grew(self) -> bool:
+        """The buffer outgrew its reservation: cut this connection past
+        max_write_buffer; else reserve more, and should the worker then pass
+        max_worker_buffer, cut those holding the most. False if this one was cut."""
+        worker = self._worker
+        if len(self._wbuf) > worker.max_write_buffer:
+            self._slow_consumer()
+            return False
+        self._reserve()
+        if worker.pending_output > worker.max_worker_buffer:
+            worker.shed_output()
+        return self._state != CLOSED
+
+    def _queue_output(self, data: bytes | bytearray, first: bool = False) -> None:
+        """Add ``data`` (already framed) to the pending output, at its end or
+        ``first``; a bytearray put first becomes the buffer (it is not copied)."""
+        if first and isinstance(data, bytearray):
+            data += self._wbuf
+            self._wbuf = data
+        elif first:
+            self._wbuf[0:0] = data
+        else:
+            self._wbuf += data
+        if len(self._wbuf) > self._wreserved:
+            self._reserve()
+
+    def _drop_output(self) -> bytearray:
+        """Take away the pending output (a new empty buffer replaces it); return it."""
+        output, self._wbuf = self._wbuf, bytearray()
+        self._worker.pending_output -= self._wreserved
+        self._wreserved = 0
+        return output
 
     def _finish(self, reason: str = "") -> None:
         """Close; counted by ``reason``, or, once closing had begun, by why it began."""

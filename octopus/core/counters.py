@@ -32,7 +32,8 @@ CLOSE_REASONS = (
 REFUSE_REASONS = ("per_ip_connections", "per_ip_rate", "peer_uid")
 
 # Why the worker stopped accepting for a while (``Worker.accept_pauses``).
-ACCEPT_PAUSE_CAUSES = ("max_connections", "fd_limit", "fair_share")
+# handshakes: only the tls/proxy listeners, while half the room is in handshakes.
+ACCEPT_PAUSE_CAUSES = ("max_connections", "fd_limit", "fair_share", "handshakes")
 
 # Plain integer attributes of the worker.
 WORKER_ATTRIBUTES = (
@@ -43,8 +44,11 @@ WORKER_ATTRIBUTES = (
     "bytes_out",  # bytes the kernel took for client sockets
     "broadcasts_sent",  # broadcast() calls on this worker's connections
     "broadcasts_delivered",  # broadcast messages handed to a connection here
-    "broadcasts_dropped",  # queued to a peer worker whose link was cut off (not reading)
+    "broadcasts_dropped",  # not sent to a peer worker: link cut, no descriptor, too large
     "redis_gap",  # broadcasts that did not reach other servers (Redis down or slow)
+    "redis_malformed",  # messages on the Redis channel that no octopus server sent
+    "internal_refused",  # strangers refused on the sockets between workers, links cut
+    "worker_buffer_cuts",  # slow consumers cut: the worker's output passed max_worker_buffer
 )
 
 COUNTERS: tuple[str, ...] = (

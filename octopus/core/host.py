@@ -25,6 +25,8 @@ class Host(Protocol):
     framing: str
     max_message_size: int
     max_write_buffer: int
+    max_worker_buffer: int
+    pending_output: int  # the connections' reservations together (SocketConnection._reserve)
     idle_timeout: float
     linger_timeout: float  # seconds a closing connection waits for the peer's EOF
     broadcaster: Callable[[bytes], None]
@@ -38,6 +40,8 @@ class Host(Protocol):
     closes: dict[str, int]
 
     def connection_closed(self, conn: SocketConnection) -> None: ...
+
+    def shed_output(self) -> None: ...
 
 
 class Preamble(Protocol):

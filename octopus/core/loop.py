@@ -40,7 +40,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import FrameType
 
 from octopus.core.aio import Guest
@@ -244,20 +244,6 @@ class Loop:
         self._epoll.close()
         self._wake_r.close()
         self._wake_w.close()
-
-
-def accept_waiting(listener: socket.socket, what: str) -> Iterator[socket.socket]:
-    """Every connection waiting on a non-blocking listener between workers (the
-    broadcast mesh, the hand-off links); an error ends the round, logged as ``what``."""
-    while True:
-        try:
-            sock, _ = listener.accept()
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            log.warning("%s: accept failed: %s", what, exc)
-            return
-        yield sock
 
 
 def _record_only(signum: int, frame: FrameType | None) -> None:

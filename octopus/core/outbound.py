@@ -232,13 +232,13 @@ class Connector:
         except OSError as exc:  # reset between the handshake and now
             self._failed(_reason(exc.errno or errno.ENOTCONN))
             return
-        queued = conn._wbuf
+        queued = conn._drop_output()
         conn._start(self.worker, conn._fd, peer, conn._sock)  # connect() runs here
         conn._connector = None
         if conn._state != OPEN:
             return
         if queued:
-            conn._wbuf += queued
+            conn._queue_output(queued)
             if not conn._events & EPOLLOUT:
                 conn._flush()
         if self.paused and conn._state == OPEN:
@@ -252,8 +252,8 @@ class Connector:
             conn._wbuf += data
         else:
             conn._framer.frame_into(conn._wbuf, data)
-        if len(conn._wbuf) > worker.max_write_buffer:
-            conn._slow_consumer()
+        if len(conn._wbuf) > conn._wreserved:
+            conn._output_grew()
 
     def cancel(self, reason: str) -> None:
         """``disconnect()`` (or a stopping worker) before the connection was made."""

@@ -6,9 +6,10 @@ awaiting an answer. A connection on offer is *held*: registered with no
 events (edge-triggered, so HUP and ERR come once and are ignored) and
 corked, so ``send()`` only appends; nothing is read or written. Then:
 
-- taken: the COMMIT carries what it still has to write; our descriptor is
-  closed and the object forgotten (it is CLOSED: a ``send()`` on it does
-  nothing; no ``close()``);
+- taken: the COMMIT says how much it still has to write, and those bytes
+  follow it on the link as DATA, straight from the connection's buffer; our
+  descriptor is closed and the object forgotten (it is CLOSED: a ``send()``
+  on it does nothing; no ``close()``);
 - refused, no answer in time (then ABORT), the target died, or the
   connection changed meanwhile (the application closed it, or paused or
   resumed its reading): it is served here again as it was, with what was
@@ -28,6 +29,7 @@ last connection is gone.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import logging
@@ -44,7 +46,8 @@ from octopus.core.asynchooks import is_busy
 from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
 from octopus.core.framing import LengthFramer, LineFramer
 from octopus.core.loop import EPOLLIN, EPOLLOUT, Timer
-from octopus.handoff.link import VERSION, Link, link_name, peer_credentials
+from octopus.core.peers import address, peer_credentials
+from octopus.handoff.link import VERSION, Link
 
 if TYPE_CHECKING:
     from octopus.broadcast.ledger import Key
@@ -164,9 +167,15 @@ class Evacuation:
 
     def _link(self, key: Key, target: _Target) -> Link | None:
         if target.link is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET
-                                 | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            err = sock.connect_ex(link_name(self.handoff.namespace, *key))
+            token = self.handoff.board.token(key[0], "handoff")
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET
+                                     | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            except OSError as exc:  # EMFILE: its connections drain here instead
+                log.warning("hand-off: cannot reach worker pid %d: %s", key[1], exc.strerror)
+                return None
+            err = (sock.connect_ex(address("handoff", self.handoff.namespace, token))
+                   if token is not None else errno.ENOENT)
             if err or peer_credentials(sock)[0] != key[1]:
                 sock.close()
                 log.warning("hand-off: cannot reach worker pid %d: %s", key[1],
@@ -337,28 +346,33 @@ class Evacuation:
 
     def _commit(self, link: Link, move_ids: list[int]) -> None:
         marks = self.handoff.marks()  # first: it delivers what peers sent, into the output
-        records: list[tuple[int, bytes, float]] = []
+        records: list[tuple[int, int, float]] = []
+        outputs: list[bytearray] = []
         for move_id in move_ids:
             conn = self.moves.pop(move_id).conn
             idle_for = 0.0 if conn._idle_timer is None else self.loop.time - conn._last_input
-            records.append((move_id, bytes(conn._wbuf), idle_for))
-            self._let_go(conn)
+            output = self._let_go(conn)
+            records.append((move_id, len(output), idle_for))
+            outputs.append(output)
         self.moved += len(records)
-        link.send({"t": "commit", "marks": marks, "records": records})
+        # The outputs follow as DATA, in the records' order, each the size its record says.
+        link.send({"t": "commit", "marks": marks, "records": records}, data=outputs)
 
-    def _let_go(self, conn: SocketConnection) -> None:
-        """``conn`` is the new worker's: close our descriptor; no close() hook."""
+    def _let_go(self, conn: SocketConnection) -> bytearray:
+        """``conn`` is the new worker's: close our descriptor; no close() hook.
+        Returns what it still had to write (its buffer itself: no copy)."""
         self.loop.unregister(conn._fd)
         if conn._idle_timer is not None:
             conn._idle_timer.cancel()
         conn._state = CLOSED
         conn._corked = False
-        conn._wbuf.clear()
+        output = conn._drop_output()
         self.worker.admission.release(conn._fd)  # counted again where it arrives
         conn._close_socket()
         # It stays in worker.connections (CLOSED: send() does nothing) until the
         # COMMIT is written: the worker exits once that table is empty.
         self.letting_go.append(conn)
+        return output
 
     def _expire(self, batch_id: int) -> None:
         batch = self.batches.pop(batch_id, None)

@@ -7,10 +7,11 @@ many each holds, instead of draining them. The master only retires the
 worker; the workers do the rest between themselves.
 
 Each worker listens on an abstract-namespace ``SOCK_SEQPACKET`` socket
-named after the master, its slot and pid (reliable, ordered, message
-boundaries kept, descriptors passed with ``SCM_RIGHTS``). Only processes
-that the scoreboard lists as this master's workers may connect
-(``SO_PEERCRED``): the messages carry pickles.
+with an unguessable name it publishes in its scoreboard slot (reliable,
+ordered, message boundaries kept, descriptors passed with ``SCM_RIGHTS``).
+Only processes that the scoreboard lists as this master's workers get in
+(``SO_PEERCRED``, checked before a byte is read: ``octopus.core.peers``):
+the messages carry pickles.
 
 The move, per connection, in two phases (the old worker's side, in batches,
 is ``octopus.handoff.evacuation``; this module is the new worker's)::
@@ -27,10 +28,12 @@ is ``octopus.handoff.evacuation``; this module is the new worker's)::
                                                  raised, max_connections, ...), or
                                                  later (the old worker is behind on
                                                  a broadcast sender: offer it again)
-    taken: COMMIT: what it still has to write,
-    its idle time, the broadcast watermarks;
-    close our descriptor, no close()  -------->  the moved output first, then the
-                                                 broadcasts it lacks; serve it
+    taken: COMMIT: how much it still has to
+    write, its idle time, the broadcast
+    watermarks; then that output as DATA;
+    close our descriptor, no close()  -------->  once its output is all here: that
+                                                 first, then the broadcasts it
+                                                 lacks; serve it
     refused, no answer in ANSWER_TIMEOUT (then
     ABORT), or the new worker died: serve it
     again here; it drains as before
@@ -56,15 +59,17 @@ import logging
 import os
 import pickle
 import socket
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from octopus.core.asynchooks import adopt
 from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
-from octopus.core.loop import EPOLLIN, EPOLLOUT, accept_waiting
+from octopus.core.loop import EPOLLIN, EPOLLOUT
+from octopus.core.peers import InternalListener, Peers, bind_unique
 from octopus.handoff.evacuation import ANSWER_TIMEOUT, Evacuation
-from octopus.handoff.link import VERSION, Link, link_name, peer_credentials
+from octopus.handoff.link import VERSION, Link
 
 if TYPE_CHECKING:
     from octopus.broadcast.ledger import Watermarks
@@ -93,18 +98,18 @@ class Handoff:
         self.namespace, self.mesh, self.report = namespace, mesh, report
         self.ledger = mesh.ledger if mesh is not None else None
         self.generation = board.read(slot).generation
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET
-                                      | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        self.listener.bind(link_name(namespace, slot, os.getpid()))
-        self.listener.listen(64)
-        self.loop.register(self.listener.fileno(), EPOLLIN, self._accept)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET
+                             | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        board.set_token(slot, "handoff", bind_unique(sock, "handoff", namespace))
+        sock.listen(64)
+        self.peers = Peers(board.pids, self.refused)
+        self.listener = InternalListener(self.loop, sock, "hand-off", self.peers, self._admit)
         self.taker = _Taker(self)
         self.giver: Evacuation | None = None
         self.links: set[Link] = set()  # every open link, both ways
 
     def close(self) -> None:
         """Close the listener and every link (a worker process just exits)."""
-        self.loop.unregister(self.listener.fileno())
         self.listener.close()
         for link in list(self.links):
             link.close()
@@ -119,19 +124,13 @@ class Handoff:
         """This worker's broadcast watermarks, after taking in what peers sent."""
         return None if self.ledger is None else self.ledger.watermarks()
 
-    def live_pids(self) -> set[int]:
-        return {view.pid for view in self.board.views()}
+    def refused(self) -> None:
+        self.worker.internal_refused += 1
 
-    def _accept(self, mask: int) -> None:
-        for sock in accept_waiting(self.listener, "hand-off"):
-            pid, uid, _ = peer_credentials(sock)
-            if uid != os.getuid() or pid not in self.live_pids():
-                log.warning("hand-off: refusing a link from pid %d (uid %d): not a worker "
-                            "of this server", pid, uid)
-                sock.close()
-                continue
-            sock.setblocking(False)
-            self.links.add(Link(self.loop, sock, self.taker.on_message, self.taker.on_lost))
+    def _admit(self, sock: socket.socket, pid: int) -> None:
+        """A link from a live worker of this master (checked by the listener)."""
+        self.links.add(Link(self.loop, sock, self.taker.on_message, self.taker.on_lost,
+                            on_data=self.taker.on_data))
 
 
 @dataclass(eq=False)
@@ -142,12 +141,26 @@ class _Held:
     marks: Watermarks | None
 
 
+@dataclass(eq=False)
+class _Arriving:
+    """A committed connection whose output is still arriving as DATA."""
+
+    held: _Held
+    size: int  # bytes the COMMIT announced
+    idle_for: float
+    marks: Watermarks | None  # the COMMIT's
+    output: bytearray = field(default_factory=bytearray)
+
+
 class _Taker:
     """The new worker's side: OFFER -> ANSWER, then COMMIT or ABORT."""
 
     def __init__(self, handoff: Handoff) -> None:
         self.handoff, self.worker, self.loop = handoff, handoff.worker, handoff.loop
         self.held: dict[Link, dict[int, _Held]] = {}
+        # Per link, in the COMMITs' order: the connections whose output the DATA
+        # packets that follow carry.
+        self.arriving: dict[Link, deque[_Arriving]] = {}
         self.count = 0  # connections held, counted against max_connections
 
     def on_message(self, link: Link, message: dict[str, Any], fds: list[int]) -> None:
@@ -164,11 +177,31 @@ class _Taker:
                 self._drop(link, move_id)
 
     def on_lost(self, link: Link) -> None:
-        """The old worker is gone: what it had not committed is not ours."""
+        """The old worker is gone: what it had not committed is not ours, and a
+        committed connection whose output did not all arrive is closed."""
         self.handoff.links.discard(link)
         for move_id in list(self.held.get(link, ())):
             self._drop(link, move_id)
         self.held.pop(link, None)
+        for item in self.arriving.pop(link, ()):
+            log.warning("hand-off: the old worker went away with %d of %d bytes of a "
+                        "connection's output sent; closing it", len(item.output), item.size)
+            self.count -= 1
+            self._discard(item.held.conn)
+            self._unpin(item.held.marks)
+
+    def on_data(self, link: Link, data: bytes) -> None:
+        """The next piece of the output of the oldest committed connection still waiting."""
+        queue = self.arriving.get(link)
+        item = queue[0] if queue else None
+        if item is None or len(item.output) + len(data) > item.size:
+            log.warning("hand-off: more output than the commit announced; closing the link")
+            link.close()
+            return
+        item.output += data
+        if len(item.output) == item.size:
+            queue.popleft()  # type: ignore[union-attr]
+            self._arrived(item.held, item.output, item.idle_for, item.marks)
 
     def _offered(self, link: Link, message: dict[str, Any], fds: list[int]) -> None:
         records: list[dict[str, Any]] = message["records"]
@@ -263,26 +296,40 @@ class _Taker:
     def _committed(self, link: Link, message: dict[str, Any]) -> None:
         held = self.held.get(link, {})
         marks: Watermarks | None = message.get("marks")
-        ledger = self.handoff.ledger
-        for move_id, output, idle_for in message["records"]:
+        arriving = self.arriving.setdefault(link, deque())
+        for move_id, size, idle_for in message["records"]:
             entry = held.pop(move_id, None)
-            if entry is None:
-                log.warning("hand-off: a connection was committed after it was given up")
-                continue
-            self.count -= 1
-            self._serve(entry.conn, output, idle_for)
-            if ledger is not None and marks is not None:
-                ledger.catch_up(entry.conn, marks)
-            if ledger is not None and entry.marks is not None:
-                ledger.unpin(entry.marks)
+            if entry is None:  # its DATA would follow: none can be placed now
+                log.warning("hand-off: a connection was committed after it was given up; "
+                            "closing the link")
+                link.close()
+                return
+            if size:  # served once its output has come: DATA, in the records' order
+                arriving.append(_Arriving(entry, size, idle_for, marks))
+            else:
+                self._arrived(entry, bytearray(), idle_for, marks)
+
+    def _arrived(self, entry: _Held, output: bytearray, idle_for: float,
+                 marks: Watermarks | None) -> None:
+        """A committed connection and all its output are here: serve it."""
+        self.count -= 1
+        self._serve(entry.conn, output, idle_for)
+        ledger = self.handoff.ledger
+        if ledger is not None and marks is not None:
+            ledger.catch_up(entry.conn, marks)
+        self._unpin(entry.marks)
         if self.worker.balancer is not None:
             self.worker.balancer.publish(len(self.worker.connections))
 
-    def _serve(self, conn: SocketConnection, output: bytes, idle_for: float) -> None:
+    def _unpin(self, marks: Watermarks | None) -> None:
+        if self.handoff.ledger is not None and marks is not None:
+            self.handoff.ledger.unpin(marks)
+
+    def _serve(self, conn: SocketConnection, output: bytearray, idle_for: float) -> None:
         """Make a held connection ours: its old output, then ours; read it again."""
         worker, loop, fd = self.worker, self.loop, conn._fd
         if output:
-            conn._wbuf[0:0] = output
+            conn._queue_output(output, first=True)  # taken over, not copied
         conn._corked = False
         events = conn._events & ~EPOLLOUT
         if conn._wbuf:
@@ -319,5 +366,6 @@ class _Taker:
         close() runs, since resume() did."""
         self.loop.unregister(conn._fd)
         conn._state = CLOSED
+        conn._drop_output()
         conn._close_socket()
         conn._run_close()

@@ -18,3 +18,4 @@ class HandoffHost(Host, Protocol):
     balancer: Balancer | None
     admission: Admission
     _stopping: bool
+    internal_refused: int  # strangers refused on the sockets between workers

@@ -15,8 +15,14 @@ Facts about ``AF_UNIX`` ``SOCK_SEQPACKET`` that this relies on:
 
 So a message longer than ``CHUNK`` goes as several packets, each led by a
 flag byte (``MORE`` or ``LAST``), and the descriptors ride on the first.
-Both sides are workers of one master (the listener checks ``SO_PEERCRED``),
-so the messages are pickles.
+Both sides are workers of one master (the listener checks ``SO_PEERCRED``
+before it reads a byte: ``octopus.core.peers``), so the messages are pickles.
+
+Bulk bytes (a moved connection's pending output) go beside the messages as
+``DATA`` packets, raw: ``send(..., data=)`` queues views of the caller's buffers,
+never a copy or a pickle of it, and the receiver gets each packet's bytes in
+``on_data(link, bytes)`` in order. So moving N bytes holds about N bytes
+on each side, not several copies at once.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ import logging
 import os
 import pickle
 import socket
-import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,24 +44,11 @@ CHUNK = 65536  # bytes of message per packet
 MAX_FDS = 253  # SCM_MAX_FD: descriptors one sendmsg may carry
 SNDBUF = 1 << 20
 READS_PER_EVENT = 64  # packets read per readiness event, so others get their turn
-MORE, LAST = b"\1", b"\0"
-VERSION = 1  # of the messages; workers of another octopus refuse each other
+MORE, LAST, DATA = b"\1", b"\0", b"\2"
+VERSION = 2  # of the messages; workers of another octopus refuse each other
 _FD_SIZE = array.array("i").itemsize
-_UCRED = struct.Struct("3i")
 
 Message = dict[str, Any]
-
-
-def link_name(namespace: str, slot: int, pid: int) -> str:
-    """The abstract address of a worker's hand-off listener (gone with the process)."""
-    return f"\0octopus-handoff/{namespace}/{slot}/{pid}"
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end, as of connect()."""
-    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                  _UCRED.size))
-    return pid, uid, gid
 
 
 class Link:
@@ -66,22 +58,27 @@ class Link:
     def __init__(self, loop: Loop, sock: socket.socket,
                  on_message: Callable[[Link, Message, list[int]], None],
                  on_lost: Callable[[Link], None],
-                 on_flushed: Callable[[], None] | None = None) -> None:
+                 on_flushed: Callable[[], None] | None = None,
+                 on_data: Callable[[Link, bytes], None] | None = None) -> None:
         self.loop, self.sock, self.fd = loop, sock, sock.fileno()
         self.on_message, self.on_lost, self.on_flushed = on_message, on_lost, on_flushed
+        self.on_data = on_data
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         except OSError:  # capped by net.core.wmem_max; the default fits a CHUNK too
             pass
-        self.out: deque[tuple[bytes, memoryview, Sequence[int]]] = deque()
+        self.out: deque[tuple[bytes, memoryview, Sequence[int]]] = deque()  # packets
         self.parts: list[bytes] = []  # packets of the message being received
         self.received_fds: list[int] = []
         self.watching = False
         self.closed = False
         loop.register(self.fd, EPOLLIN, self._on_events)
 
-    def send(self, message: Message, fds: Sequence[int] = ()) -> None:
-        """Queue ``message``; the ``fds`` are closed here once sent (pass copies)."""
+    def send(self, message: Message, fds: Sequence[int] = (),
+             data: Sequence[bytearray] = ()) -> None:
+        """Queue ``message``, then each of ``data`` as DATA packets; the ``fds``
+        are closed here once sent (pass copies). The link keeps views of ``data``
+        until they are written: do not change those buffers meanwhile."""
         if self.closed:
             for fd in fds:
                 os.close(fd)
@@ -91,6 +88,10 @@ class Link:
             last = at + CHUNK >= len(view)
             self.out.append((LAST if last else MORE, view[at:at + CHUNK],
                              fds if at == 0 else ()))
+        for buffer in data:
+            view = memoryview(buffer)
+            for at in range(0, len(view), CHUNK):
+                self.out.append((DATA, view[at:at + CHUNK], ()))
         self._write()
 
     def sending(self) -> bool:
@@ -152,6 +153,13 @@ class Link:
         if not data or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             self.close()  # EOF, or a packet we could not take whole
             return False
+        if data[:1] == DATA:
+            if self.on_data is None or self.parts:  # not expected here, or inside a message
+                log.warning("hand-off link: unexpected data; closing it")
+                self.close()
+                return False
+            self.on_data(self, data[1:])
+            return True
         self.parts.append(data[1:])
         if data[:1] == LAST:
             payload, self.parts = b"".join(self.parts), []

@@ -8,6 +8,8 @@ Signals from the master (handled in the worker's loop, between callbacks):
                 or graceful_timeout passes, then exit (with reload_handoff,
                 first move them to the live workers: octopus.handoff.handoff)
     USR1        reopen log files
+    URG         from a peer worker above its fair share: accept what waits
+                (octopus.coordination.balance)
     HUP         ignored (reload is the master's business)
     ABRT        sent by the master when the heartbeat stops: faulthandler
                 dumps every thread's traceback, then the process dies
@@ -91,6 +93,9 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
     settings = ctx.settings
     faulthandler.enable(file=sys.stderr, all_threads=True)
     board, slot = ctx.scoreboard, ctx.slot
+    # The master writes it too, after fork() returns to it: peers check links
+    # against these pids, and this worker may link before the master gets there.
+    board.set_pid(slot, os.getpid())
     worker = Worker(ctx.listeners, connection_class, settings, exclusive=True,
                     listener_flags=ctx.listener_flags,
                     admission=admission.for_settings(settings, ctx.admission))
@@ -110,6 +115,7 @@ def serve(ctx: WorkerContext, connection_class: type[SocketConnection]) -> None:
             board.beat(slot, now, len(worker.connections), worker.messages_in,
                        worker.messages_out, worker.accepted)
             board.publish(slot, worker.accepting, collect(worker))
+            board.set_pending_output(slot, worker.pending_output)
             worker.update_fair_share()
 
     def ready() -> None:

@@ -3,21 +3,30 @@
 The master's loop supervises workers, so no client may hold it: a
 ``RequestServer`` is driven by the master's selector and never waits. Each
 client is read until its request head ends, answered, and closed, within
-bounds that hold whatever the client does:
+bounds that hold whatever the client does (nginx's, in small):
 
 - the head may be at most ``max_head`` bytes (a longer one gets the
   ``too_large`` answer, or is just closed);
 - the whole exchange, reading and writing, has a deadline of ``timeout``
-  seconds from accept (a client that sends nothing, or reads nothing, is
-  closed when it passes: see ``expire``);
-- at most ``max_clients`` at once. When a new one waits, the clients whose
-  request is already in are served first; if that frees no slot, the
-  listener is unregistered, and the newcomers wait in the kernel's backlog
-  (which has its own bound) until a client is done, or until the oldest
-  client still to send its request has been silent for ``silent_limit``
-  seconds: that one is closed to make room;
+  seconds from accept (``client_header_timeout`` and ``send_timeout`` in
+  one): a client that sends nothing, or reads nothing, is closed when it
+  passes (see ``expire``);
+- at most ``max_clients`` at once. The listener is always served: when the
+  table is full, a newcomer takes the slot of a client we are done with but
+  still draining, else of the oldest client still sending its request.
+  A flood of slow clients (slowloris) thus churns among itself, while a
+  probe that sends its request at once is read and answered within a loop
+  iteration or two. Only when every slot holds an answer being written does
+  the listener pause, until one is done; those have deadlines too;
 - at most ``ACCEPT_BURST`` accepts per readiness event, so a flood of
   connections still leaves the loop to the rest of the master's work.
+
+After the answer, the write side is shut (FIN). A client that sent more than
+its head (a 1 MiB head gets a 431 after the first ``max_head`` bytes) is
+read and ignored for up to ``LINGER_TIME`` seconds and ``LINGER_BYTES``
+before the socket is closed: closing a TCP socket with unread input sends an
+RST, and a peer that gets the RST before reading loses the answer (on a Unix
+socket, its next read fails with ECONNRESET).
 
 Kernel facts relied on: a non-blocking ``send()`` takes what fits in the
 socket buffer and the rest waits for writability, so a large answer to a slow
@@ -42,42 +51,52 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
+from octopus.logs import RateLimited
+
 log = logging.getLogger("octopus.master")
 
 MAX_HEAD = 8192
 CLIENT_TIMEOUT = 3.0  # seconds from accept to the last byte of the answer
-MAX_CLIENTS = 64
-SILENT_LIMIT = 1.0  # seconds a client may send nothing before another takes its slot
+MAX_CLIENTS = 256
 ACCEPT_BURST = 16
 RECV_SIZE = 4096
+LINGER_TIME = 2.0  # seconds to read and ignore what a client sends after its answer
+LINGER_BYTES = 4 * 1024 * 1024
 RESOURCE_RETRY = 0.5
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Why a server closed a client before answering it in full (``RequestServer.closed``).
+CLOSE_REASONS = ("evicted", "timeout", "too_large")
+
+READING, WRITING, LINGERING = "reading", "writing", "lingering"
 
 
 class _Client:
-    __slots__ = ("accepted", "deadline", "fd", "head", "out", "sock")
+    __slots__ = ("deadline", "fd", "head", "ignored", "out", "overflowed", "sock", "state")
 
-    def __init__(self, sock: socket.socket, accepted: float, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.accepted = accepted
         self.deadline = deadline
         self.head = bytearray()
         self.out: memoryview | None = None  # the answer, once there is one
+        self.state = READING
+        self.ignored = 0  # bytes read while lingering
+        self.overflowed = False  # sent more than max_head before its head ended
 
 
 class RequestServer:
     """Answers the clients of one listening socket: read a head, answer, close.
 
     ``answer(head)`` gets the bytes before the first of ``ends`` and returns
-    the bytes to send back (``b""``: close without an answer).
+    the bytes to send back (``b""``: close without an answer). ``label``
+    names the server in metrics.
     """
 
     def __init__(self, sock: socket.socket, selector: selectors.BaseSelector,
                  answer: Callable[[bytes], bytes], *, ends: tuple[bytes, ...],
                  too_large: bytes = b"", max_head: int = MAX_HEAD,
                  timeout: float = CLIENT_TIMEOUT, max_clients: int = MAX_CLIENTS,
-                 silent_limit: float = SILENT_LIMIT) -> None:
+                 label: str = "") -> None:
         self.sock = sock
         self.selector = selector
         self.answer = answer
@@ -86,8 +105,14 @@ class RequestServer:
         self.max_head = max_head
         self.timeout = timeout
         self.max_clients = max_clients
-        self.silent_limit = silent_limit
-        self.clients: dict[int, _Client] = {}  # by fd, oldest first
+        self.label = label
+        self.clients: dict[int, _Client] = {}  # by fd
+        # The clients a newcomer may displace, oldest first, by fd.
+        self._reading: dict[int, _Client] = {}
+        self._lingering: dict[int, _Client] = {}
+        self._next_expiry: float | None = None  # no deadline passes before this
+        self.closed = dict.fromkeys(CLOSE_REASONS, 0)
+        self._crowded = RateLimited(log, 10.0)
         self._listening = False
         # While not listening: when to try again (None: once a client is done).
         self._paused_until: float | None = None
@@ -95,25 +120,21 @@ class RequestServer:
         self._listen(True)
 
     def next_deadline(self) -> float | None:
-        deadlines = [client.deadline for client in list(self.clients.values())[:1]]
+        deadlines = [] if self._next_expiry is None else [self._next_expiry]
         if self._paused_until is not None:
             deadlines.append(self._paused_until)
         return min(deadlines, default=None)
 
     def expire(self, now: float) -> None:
         """Close clients past their deadline; resume accepting after a pause."""
-        for client in list(self.clients.values()):
-            if client.deadline > now:
-                break  # deadlines grow in accept order
-            log.debug("closing a client of %s: deadline passed", self._name())
-            self._drop(client)
+        if self._next_expiry is not None and now >= self._next_expiry:
+            for client in [c for c in self.clients.values() if c.deadline <= now]:
+                if client.state != LINGERING:
+                    log.debug("closing a client of %s: deadline passed", self._name())
+                    self.closed["timeout"] += 1
+                self._drop(client)
+            self._next_expiry = min((c.deadline for c in self.clients.values()), default=None)
         if self._paused_until is not None and now >= self._paused_until:
-            oldest = next((c for c in self.clients.values() if c.out is None), None)
-            if (len(self.clients) >= self.max_clients and oldest is not None
-                    and now - oldest.accepted >= self.silent_limit):  # see _on_listener
-                log.debug("closing a client of %s: silent for %.1fs", self._name(),
-                          now - oldest.accepted)
-                self._drop(oldest)
             self._listen(True)
 
     def close(self) -> None:
@@ -128,6 +149,8 @@ class RequestServer:
         for client in self.clients.values():
             client.sock.close()
         self.clients.clear()
+        self._reading.clear()
+        self._lingering.clear()
         self.sock.close()
 
     def _name(self) -> str:
@@ -146,14 +169,22 @@ class RequestServer:
         self._listening = on and self.sock.fileno() >= 0
         self._paused_until = None if on else until
 
+    def _make_room(self) -> None:
+        """Free a slot for a newcomer (there is a client that may give way)."""
+        if self._lingering:
+            self._drop(next(iter(self._lingering.values())))
+            return
+        self.closed["evicted"] += 1
+        self._crowded.warning("%s: %d clients at once; closing the oldest ones still "
+                              "sending their request (%d so far)", self._name(),
+                              self.max_clients, self.closed["evicted"])
+        self._drop(next(iter(self._reading.values())))
+
     def _on_listener(self, mask: int) -> None:
         for _ in range(ACCEPT_BURST):
-            if len(self.clients) >= self.max_clients and not self._serve_waiting():
-                # Someone waits in the backlog: it gets a slot when a client is
-                # done, or when the oldest reader has been silent for silent_limit
-                # (``expire`` closes that one).
-                readers = [c.accepted for c in self.clients.values() if c.out is None]
-                self._listen(False, min(readers) + self.silent_limit if readers else None)
+            full = len(self.clients) >= self.max_clients
+            if full and not (self._lingering or self._reading):
+                self._listen(False)  # until an answer is written, or its deadline
                 return
             try:
                 sock, _ = self.sock.accept()
@@ -166,32 +197,31 @@ class RequestServer:
                     self._listen(False, time.monotonic() + RESOURCE_RETRY)
                     return
                 continue  # ECONNABORTED and kin concern that one connection
+            if full:  # only once someone is there to take the slot
+                self._make_room()
             sock.setblocking(False)
-            now = time.monotonic()
-            client = _Client(sock, now, now + self.timeout)
-            self.clients[client.fd] = client
+            client = _Client(sock, time.monotonic() + self.timeout)
+            self.clients[client.fd] = self._reading[client.fd] = client
+            if self._next_expiry is None:
+                self._next_expiry = client.deadline
             self.selector.register(sock, selectors.EVENT_READ,
                                    functools.partial(self._on_client, client))
 
-    def _serve_waiting(self) -> bool:
-        """Read the readers, oldest first, until one is done; False if none is."""
-        for client in list(self.clients.values()):
-            if client.out is None:
-                self._on_client(client, selectors.EVENT_READ)  # its request may be in
-                if len(self.clients) < self.max_clients:
-                    return True
-        return False
-
     def _on_client(self, client: _Client, mask: int) -> None:
-        if client.out is not None:
+        if client.state == WRITING:
             self._write(client)
             return
         try:
-            data = client.sock.recv(RECV_SIZE)
+            data = client.sock.recv(65536 if client.state == LINGERING else RECV_SIZE)
         except BlockingIOError:
             return
         except OSError:
             data = b""
+        if client.state == LINGERING:
+            client.ignored += len(data)
+            if not data or client.ignored > LINGER_BYTES:
+                self._drop(client)
+            return
         if not data:  # gone before its request was complete
             self._drop(client)
             return
@@ -202,6 +232,8 @@ class RequestServer:
         if found and min(found) <= self.max_head:
             self._respond(client, self._answer(bytes(head[:min(found)])))
         elif len(head) > self.max_head:
+            self.closed["too_large"] += 1
+            client.overflowed = True
             self._respond(client, self.too_large)
 
     def _answer(self, head: bytes) -> bytes:
@@ -212,10 +244,12 @@ class RequestServer:
             return b""
 
     def _respond(self, client: _Client, answer: bytes) -> None:
+        del self._reading[client.fd]
         if not answer:
             self._drop(client)
             return
-        client.out = memoryview(answer)
+        client.state, client.out = WRITING, memoryview(answer)
+        client.head = bytearray()
         if self._write(client):  # the rest when the socket is writable
             self.selector.modify(client.sock, selectors.EVENT_WRITE,
                                  functools.partial(self._on_client, client))
@@ -233,12 +267,36 @@ class RequestServer:
         client.out = client.out[sent:]
         if client.out:
             return True
-        self._drop(client)
+        self._linger(client)
         return False
+
+    def _linger(self, client: _Client) -> None:
+        """The answer is out: send our FIN, then close once the client has nothing
+        more to send (or has sent too much, for too long)."""
+        pending: bytes | None
+        try:
+            client.sock.shutdown(socket.SHUT_WR)
+            pending = client.sock.recv(1, socket.MSG_PEEK)  # b"": the client closed
+        except BlockingIOError:
+            pending = None  # nothing now; more may come from one who sent too much
+        except OSError:
+            pending = b""
+        if pending == b"" or (pending is None and not client.overflowed):
+            self._drop(client)
+            return
+        client.state, client.out = LINGERING, None
+        client.deadline = min(client.deadline, time.monotonic() + LINGER_TIME)
+        self._next_expiry = min(client.deadline, self._next_expiry or client.deadline)
+        self._lingering[client.fd] = client
+        self.selector.modify(client.sock, selectors.EVENT_READ,
+                             functools.partial(self._on_client, client))
+        self._listen(True)  # a lingering client gives way to a newcomer
 
     def _drop(self, client: _Client) -> None:
         if self.clients.get(client.fd) is client:
             del self.clients[client.fd]
+            self._reading.pop(client.fd, None)
+            self._lingering.pop(client.fd, None)
             self.selector.unregister(client.sock)
             self._listen(True)  # a slot (and a descriptor) is free
         client.sock.close()
@@ -289,4 +347,5 @@ def http_answer(routes: Mapping[str, Route]) -> Callable[[bytes], bytes]:
 def http_server(sock: socket.socket, selector: selectors.BaseSelector,
                 routes: Mapping[str, Route]) -> RequestServer:
     return RequestServer(sock, selector, http_answer(routes), ends=HTTP_ENDS,
-                         too_large=http_response(431, b"request head too large\n"))
+                         too_large=http_response(431, b"request head too large\n"),
+                         label="metrics")

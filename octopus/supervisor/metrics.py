@@ -39,7 +39,7 @@ from octopus.core.counters import (
     by_name,
 )
 from octopus.supervisor.exposition import CONTENT_TYPE, Family, render
-from octopus.supervisor.httpserve import Route
+from octopus.supervisor.httpserve import RequestServer, Route
 
 if TYPE_CHECKING:
     from octopus.coordination.scoreboard import Scoreboard
@@ -55,6 +55,7 @@ class Master(Protocol):
     num_workers: int
     started: float  # wall clock
     stopping: bool
+    endpoints: list[RequestServer]  # the control socket and metrics_bind
 
 
 RESTART_CAUSES = ("crashed", "boot_failed", "heartbeat")
@@ -78,13 +79,24 @@ _PLAIN = {
     "broadcasts_delivered": ("broadcasts_delivered_total",
                              "Broadcast messages handed to a connection."),
     "broadcasts_dropped": ("broadcasts_dropped_total",
-                           "Broadcasts queued to a peer worker whose link was cut off "
-                           "because it stopped reading."),
+                           "Broadcasts that did not reach a peer worker: its link was cut "
+                           "off because it stopped reading, no descriptor was left to "
+                           "reach it, or the message was over max_message_size."),
     "redis_gap": ("broadcast_redis_gap_total",
                   "Broadcasts that did not reach other servers: Redis was down or slow."),
     "admission_evictions": ("admission_evictions_total",
                             "Entries of the per-address admission table evicted to make "
                             "room: that address's count started afresh."),
+    "redis_malformed": ("broadcast_redis_malformed_total",
+                        "Messages on the Redis channel that no octopus server sent, dropped."),
+    "internal_refused": ("internal_refused_total",
+                         "Connections, datagrams and links refused on the sockets between "
+                         "workers: not from a worker of this server, or breaking the "
+                         "protocol."),
+    "worker_buffer_cuts": ("worker_buffer_cuts_total",
+                           "Connections disconnected because the output pending in their "
+                           "worker passed max_worker_buffer, those with the most first (also "
+                           "counted as closes with reason slow_consumer)."),
 }
 
 
@@ -270,8 +282,16 @@ class MasterMetrics:
         started = _family("master_start_time_seconds", "gauge",
                           "When the master started, in seconds since the epoch.")
         started.add(round(master.started, 3))
+        cut = _family("endpoint_clients_cut_total", "counter",
+                      "Clients of the master's control socket and metrics_bind cut short, by "
+                      "reason: evicted (all slots taken: a newcomer got the slot of the oldest "
+                      "client still sending its request), timeout, too_large (a request head "
+                      "over the limit, answered 431 on HTTP).")
+        for server in master.endpoints:
+            for reason, count in server.closed.items():
+                cut.add(count, endpoint=server.label, reason=reason)
         return [*families, cpu_family, restarts, reloads, handoffs, healthy, generation,
-                configured, started]
+                configured, started, cut]
 
     def _counter_families(self, counters: dict[int, list[int]]) -> list[Family]:
         position = {name: at for at, name in enumerate(COUNTERS)}
@@ -312,6 +332,10 @@ class MasterMetrics:
                       "beyond that, the loop is stuck.")
         memory = _family("worker_resident_memory_bytes", "gauge",
                          "Resident memory of the worker process.")
+        pending = _family("worker_pending_output_bytes", "gauge",
+                          "Output the worker's connections hold that the kernel has not "
+                          "taken yet, all together, as reserved (in steps of an eighth plus "
+                          "4 KiB per connection); bounded by max_worker_buffer.")
         by_state = dict.fromkeys(STATE_NAMES[1:], 0)
         now = time.monotonic()
         for worker in sorted(master.workers.values(), key=lambda w: (w.index, w.pid)):
@@ -320,6 +344,7 @@ class MasterMetrics:
             by_state[state] = by_state.get(state, 0) + 1
             labels = {"worker": str(worker.index), "pid": str(worker.pid)}
             connections.add(slot.connections, **labels)
+            pending.add(master.scoreboard.pending_output(worker.slot), **labels)
             accepting.add(int(self.read(master, worker).accepting), **labels)
             lag.add(round(max(0.0, now - slot.heartbeat), 6), **labels)
             rss = proc_rss_bytes(worker.pid)
@@ -327,7 +352,7 @@ class MasterMetrics:
                 memory.add(rss, **labels)
         for state, count in by_state.items():
             states.add(count, state=state)
-        return [states, connections, accepting, lag, memory]
+        return [states, connections, accepting, lag, memory, pending]
 
 
 def _family(name: str, kind: str, doc: str) -> Family:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import socket
 import stat
@@ -43,6 +44,8 @@ _BIND_ERRNO_REASONS: dict[int, str] = {
 #   anything else (EACCES, EPROTOTYPE for a datagram socket ...) -> refuse, and
 #   leave the file alone.
 _UNIX_LIVE_ERRNOS = frozenset({errno.EAGAIN, errno.EINPROGRESS})
+
+log = logging.getLogger("octopus.master")  # the process that binds
 
 # sun_path is 108 bytes including the terminating NUL.
 _UNIX_PATH_MAX = 107
@@ -222,6 +225,10 @@ def _bind_unix(address: Address, backlog: int, socket_mode: int) -> Listener:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise BindError(f"cannot bind {label}: {_reason(exc)}") from None
+    if abstract:
+        # An abstract name has no inode: no file mode, no directory permission.
+        log.warning("%s is an abstract socket: socket_mode does not apply, any local "
+                    "user can connect to it (unix_allow_uids limits who may)", label)
     # Absolute, so that close() still finds the file after a chdir.
     unlink_path = None if abstract else os.path.abspath(path)
     return Listener(sock, address, label, unlink_path, inode)

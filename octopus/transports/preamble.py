@@ -67,6 +67,9 @@ class Opener(Protocol):
               preamble: Preamble | None = None) -> SocketConnection | None:
         """Hand the connection, its preamble done, to the application."""
 
+    def preamble_ended(self) -> None:
+        """A preamble failed or became a connection: its slot is free."""
+
 
 @dataclass(frozen=True)
 class ListenerPolicy:
@@ -245,6 +248,7 @@ class Preamble:
             return True
         self._release()
         self.sock.close()
+        self.worker.preamble_ended()
         return False
 
     def _fail(self, reason: str, why: str) -> None:
@@ -254,6 +258,7 @@ class Preamble:
         if self.policy.gate is not None:
             self.policy.gate.release(self.fd)
         self.sock.close()
+        self.worker.preamble_ended()
 
     def abort(self) -> None:
         """The worker stops: drop this connection, counted as a shutdown."""
@@ -271,6 +276,7 @@ class Preamble:
             return
         self._release()
         conn = self.worker._open(self.fd, self.address, self.sock, self)
+        self.worker.preamble_ended()
         if conn is None:
             return
         framer, early = conn._framer, self.early

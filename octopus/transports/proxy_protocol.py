@@ -31,7 +31,6 @@ a stream listener. TLVs are kept raw; the CRC32C TLV is not verified.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -309,9 +308,14 @@ def _decode_v2(view: bytes | bytearray, size: int) -> ProxyInfo:
 
 
 def _unix_path(raw: bytes) -> str:
-    if raw[:1] == b"\0":  # Linux abstract name: no terminator, padding dropped
-        return os.fsdecode(raw.rstrip(b"\0"))
-    return os.fsdecode(raw.split(b"\0", 1)[0])
+    """The path up to its first NUL (an abstract name keeps its leading one), as
+    text the application can log and compare safely: UTF-8, with anything else
+    (undecodable bytes, control characters such as a newline) as U+FFFD."""
+    abstract = raw[:1] == b"\0" and any(raw)  # all NULs: unnamed, ""
+    name = raw[abstract:].split(b"\0", 1)[0].decode("utf-8", "replace")
+    if not name.isprintable():
+        name = "".join(char if char.isprintable() else "\ufffd" for char in name)
+    return "\0" + name if abstract else name
 
 
 def _parse_tlvs(view: bytes | bytearray, pos: int, end: int) -> tuple[tuple[int, bytes], ...]:
