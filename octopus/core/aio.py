@@ -98,8 +98,11 @@ else:
         which wakes the guest itself): so run the last handle now."""
         ready: deque[asyncio.Handle] = loop._ready  # type: ignore[attr-defined]
         task_class = asyncio.Task
+        current_task = asyncio.current_task
 
         def eager(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+            if current_task(loop) is not None:  # a task cannot step inside another's
+                return task_class(coro, loop=loop)
             wake, loop._host_wake = loop._host_wake, _nothing
             try:
                 task = task_class(coro, loop=loop)

@@ -35,16 +35,20 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import inspect
 import logging
+from asyncio.tasks import _enter_task, _leave_task
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from octopus.core.connection import (
     _READABLE,
+    CLOSED,
     CLOSING,
     OPEN,
     RECV_SIZE,
@@ -55,13 +59,12 @@ from octopus.core.framing import FrameError, MessageTooLarge
 from octopus.core.loop import EPOLLIN, EPOLLOUT
 
 if TYPE_CHECKING:
-    import asyncio
-
     from octopus.core.host import Host
 
 app_log = logging.getLogger("octopus.app")
 log = logging.getLogger("octopus.worker")
 
+_RETURNED = object()  # what next() gives back when the coroutine returned
 HOOKS = ("connect", "receive", "close", "resume", "drained", "handshake")
 BACKLOG_MESSAGES = 64
 BACKLOG_BYTES = 65536
@@ -70,10 +73,17 @@ BACKLOG_BYTES = 65536
 class AsyncState:
     """A connection's pending hook task and the messages waiting behind it."""
 
-    __slots__ = ("backlog", "closed", "current", "deferred", "eof", "held", "size", "task")
+    __slots__ = ("aloop", "backlog", "closed", "context", "current", "deferred", "driver",
+                 "eof", "held", "inbox", "size", "task")
 
     def __init__(self, worker: Host) -> None:
         self.task = worker.loop.guest.task  # makes a hook's (eager) task
+        self.aloop = worker.loop.guest.aloop
+        # The connection's driver task and its context, made on its first
+        # receive() (see _first_step), and what the driver waits on.
+        self.driver: asyncio.Task[Any] | None = None
+        self.context: contextvars.Context | None = None
+        self.inbox: asyncio.Future[Any] | None = None
         self.current: asyncio.Task[Any] | None = None
         self.backlog: deque[Any] = deque()  # messages, or _Call for an ordered hook
         self.size = 0  # bytes (characters) of the messages in the backlog
@@ -168,11 +178,7 @@ def _on_events(self: SocketConnection, mask: int) -> None:
                 self._abort("hook_error")
                 return
             if type(coro) is CoroutineType:
-                task = state.task(coro)
-                if not task.done():
-                    _pending(self, state, task, "receive", None)
-                elif task.cancelled() or task.exception() is not None:
-                    _outcome(self, task, "receive")
+                _first_step(self, state, coro)
         else:
             _feed(self, data)
     if self._wbuf and (mask & EPOLLOUT or self._state == CLOSING):
@@ -246,7 +252,115 @@ def _receive(conn: SocketConnection, message: Any) -> None:
         conn._abort("hook_error")
         return
     if type(result) is CoroutineType:
-        _start(conn, result, "receive", None)
+        _first_step(conn, conn._aio, result)
+
+
+def _first_step(conn: SocketConnection, state: AsyncState, coro: Any) -> None:
+    """Run ``coro`` (a receive()) up to its first suspension, as the
+    connection's driver task, which then carries it on.
+
+    A Task per message would cost as much as the rest of the message's path.
+    Instead each connection has one driver task, idle between messages: the
+    first step runs here with the driver entered as the loop's current task
+    (``_enter_task``, what a Task's own step does) and in the driver's
+    context, so ``current_task()``, ``timeout()``, ``TaskGroup`` and
+    contextvars see the task that runs the rest of the coroutine, should it
+    suspend. Never called from inside a task (reads and done-callbacks only).
+    """
+    driver = state.driver
+    if driver is None or driver.done():
+        driver = _new_driver(conn, state)
+    aloop = state.aloop
+    _enter_task(aloop, driver)
+    try:
+        # next() with a default: a coroutine that returns ends without a
+        # StopIteration being made (a generator returning None sets none).
+        yielded = state.context.run(next, coro.__await__(), _RETURNED)  # type: ignore[union-attr]
+    except BaseException as exc:
+        _leave_task(aloop, driver)
+        if isinstance(exc, asyncio.CancelledError):
+            return
+        if not isinstance(exc, Exception):
+            raise
+        app_log.error("Error in receive() of %r", conn, exc_info=exc)
+        conn._abort("hook_error")
+        return
+    _leave_task(aloop, driver)
+    if yielded is _RETURNED:
+        return
+    if conn._state == CLOSED:  # it ended the connection itself: no one resumes it
+        coro.close()
+        return
+    state.current = driver
+    state.inbox.set_result((coro, yielded))  # type: ignore[union-attr]
+
+
+def _new_driver(conn: SocketConnection, state: AsyncState) -> asyncio.Task[Any]:
+    aloop = state.aloop
+    state.context = contextvars.copy_context()
+    state.inbox = aloop.create_future()
+    driver = state.driver = asyncio.Task(_drive(conn, state), loop=aloop,
+                                         context=state.context)
+    pending = conn._worker.loop.guest.pending
+    pending.add(driver)
+    driver.add_done_callback(pending.discard)
+    return driver
+
+
+async def _drive(conn: SocketConnection, state: AsyncState) -> None:
+    """The driver: carries on each receive() that suspended in its first step."""
+    while True:
+        try:
+            coro, yielded = await state.inbox  # type: ignore[misc]
+        except asyncio.CancelledError:
+            return  # the connection ended while no handler was pending
+        state.inbox = state.aloop.create_future()
+        try:
+            await _Carry(coro, yielded)
+        except asyncio.CancelledError:
+            if not state.closed:  # someone else's cancel(): it ended this handler only
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        except Exception as exc:
+            app_log.error("Error in receive() of %r", conn, exc_info=exc)
+            conn._abort("hook_error")
+        state.current = None
+        if state.closed:
+            state.closed = False
+            _call_close(conn)
+            return
+        if conn._state == OPEN:  # the backlog is served outside any task
+            conn._worker.loop.call_soon(functools.partial(_idle, conn, state))
+
+
+def _idle(conn: SocketConnection, state: AsyncState) -> None:
+    if conn._state == OPEN and state.current is None:
+        _resume(conn, state)
+
+
+class _Carry:
+    """Await a coroutine that has already run up to ``yielded``: ``yield from``
+    by hand, passing what the task sends or throws on to it."""
+
+    __slots__ = ("coro", "yielded")
+
+    def __init__(self, coro: Any, yielded: Any) -> None:
+        self.coro, self.yielded = coro, yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self.coro, self.yielded
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # thrown in by the task: a cancellation
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
 
 
 def _call_now(conn: SocketConnection, hook: Callable[..., Any], args: tuple[Any, ...],
@@ -373,10 +487,14 @@ def _run_close(self: SocketConnection) -> None:
     state.size = 0
     task = state.current
     if task is not None and not task.done():
-        state.closed = True
+        state.closed = True  # close() once the handler has unwound
         task.cancel()
-        return
-    _call_close(self)
+        if task is state.driver:
+            return
+    if state.driver is not None:
+        state.driver.cancel()  # idle, or behind another hook: it ends
+    if not state.closed:
+        _call_close(self)
 
 
 def _call_close(conn: SocketConnection) -> None:
