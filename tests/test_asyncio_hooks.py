@@ -9,6 +9,7 @@ sleeps, so each test sees exactly the interleaving it names.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import sys
@@ -130,6 +131,9 @@ def test_asyncio_timers_fire_after_asyncio_sweeps_cancelled_ones(
     client.close()
 
 
+request: contextvars.ContextVar[str] = contextvars.ContextVar("request")
+
+
 class Toolkit(SocketConnection):
     """Each line names an asyncio facility to use from an async receive()."""
 
@@ -164,6 +168,16 @@ class Toolkit(SocketConnection):
         elif message == b"broadcast":
             await asyncio.sleep(0)
             self.broadcast(b"to all")
+        elif message == b"identity":  # the same task and context on both sides of an await
+            request.set("this one")
+            before = asyncio.current_task()
+            await asyncio.sleep(0)
+            same = before is not None and asyncio.current_task() is before
+            self.send(b"same" if same and request.get() == "this one" else b"different")
+        elif message == b"cancel myself":
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+            await asyncio.sleep(0)
+            self.send(b"not cancelled")
         elif message == b"bye":
             await asyncio.sleep(0)
             self.send(b"bye")
@@ -177,10 +191,15 @@ def test_asyncio_works_from_an_async_receive(threaded_server: ServeThread) -> No
     # open_connection reaches a connection that this same worker serves.
     Toolkit.echo_port = int(server.address.rpartition(":")[2])
     client, other = LineClient(server.address), LineClient(server.address)
+    client.send_line("cancel myself")  # no reply: the handler is cancelled, not the connection
     for line, reply in [("task", "task done"), ("wait_for", "wait_for timed out"),
-                        ("timeout", "timeout timed out"), ("executor", "from a thread")]:
+                        ("timeout", "timeout timed out"), ("executor", "from a thread"),
+                        ("identity", "same")]:
         client.send_line(line)
         assert client.read_line() == reply
+    client.send_line("cancel myself")  # again, now that a driver task waits between messages
+    client.send_line("identity")
+    assert client.read_line() == "same"
     client.send_line("open_connection")
     assert client.read_line() == "echoed got over asyncio"
     client.send_line("broadcast")

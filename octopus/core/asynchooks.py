@@ -291,8 +291,20 @@ def _first_step(conn: SocketConnection, state: AsyncState, coro: Any) -> None:
     if conn._state == CLOSED:  # it ended the connection itself: no one resumes it
         coro.close()
         return
+    inbox = state.inbox
+    if inbox.done() or driver.cancelling():  # type: ignore[union-attr]
+        # current_task().cancel() during the step cancelled the driver (what
+        # it waits on, or its start); as a Task would, the coroutine gets CancelledError where it
+        # suspended, here in a task of its own (the driver ends; a new one is
+        # made for the next message).
+        state.driver = None
+        if isinstance(yielded, asyncio.Future):
+            yielded.cancel()
+        _pending(conn, state, state.task(_carried(coro, yielded, asyncio.CancelledError())),
+                 "receive", None)
+        return
     state.current = driver
-    state.inbox.set_result((coro, yielded))  # type: ignore[union-attr]
+    inbox.set_result((coro, yielded))  # type: ignore[union-attr]
 
 
 def _new_driver(conn: SocketConnection, state: AsyncState) -> asyncio.Task[Any]:
@@ -313,7 +325,7 @@ async def _drive(conn: SocketConnection, state: AsyncState) -> None:
         try:
             coro, yielded = await state.inbox  # type: ignore[misc]
         except asyncio.CancelledError:
-            return  # the connection ended while no handler was pending
+            return  # the connection ended, or a first step cancelled it (above)
         state.inbox = state.aloop.create_future()
         try:
             await _Carry(coro, yielded)
@@ -337,17 +349,27 @@ def _idle(conn: SocketConnection, state: AsyncState) -> None:
         _resume(conn, state)
 
 
+async def _carried(coro: Any, yielded: Any, throw: BaseException) -> Any:
+    return await _Carry(coro, yielded, throw)
+
+
 class _Carry:
     """Await a coroutine that has already run up to ``yielded``: ``yield from``
-    by hand, passing what the task sends or throws on to it."""
+    by hand, passing what the task sends or throws on to it (``throw`` first,
+    if given)."""
 
-    __slots__ = ("coro", "yielded")
+    __slots__ = ("coro", "throw", "yielded")
 
-    def __init__(self, coro: Any, yielded: Any) -> None:
-        self.coro, self.yielded = coro, yielded
+    def __init__(self, coro: Any, yielded: Any, throw: BaseException | None = None) -> None:
+        self.coro, self.yielded, self.throw = coro, yielded, throw
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro, value = self.coro, self.yielded
+        if self.throw is not None:
+            try:
+                value = coro.throw(self.throw)
+            except StopIteration as stop:
+                return stop.value
         while True:
             try:
                 sent = yield value
