@@ -178,7 +178,22 @@ def _on_events(self: SocketConnection, mask: int) -> None:
                 self._abort("hook_error")
                 return
             if type(coro) is CoroutineType:
-                _first_step(self, state, coro)
+                driver = state.driver
+                if driver is None:
+                    _first_step(self, state, coro)
+                else:  # _first_step, inline
+                    aloop = state.aloop
+                    _enter_task(aloop, driver)
+                    try:
+                        yielded = state.context.run(  # type: ignore[union-attr]
+                            next, coro.__await__(), _RETURNED)
+                    except BaseException as exc:
+                        _leave_task(aloop, driver)
+                        _step_failed(self, exc)
+                    else:
+                        _leave_task(aloop, driver)
+                        if yielded is not _RETURNED:
+                            _suspended(self, state, driver, coro, yielded)
         else:
             _feed(self, data)
     if self._wbuf and (mask & EPOLLOUT or self._state == CLOSING):
@@ -268,7 +283,7 @@ def _first_step(conn: SocketConnection, state: AsyncState, coro: Any) -> None:
     suspend. Never called from inside a task (reads and done-callbacks only).
     """
     driver = state.driver
-    if driver is None or driver.done():
+    if driver is None:
         driver = _new_driver(conn, state)
     aloop = state.aloop
     _enter_task(aloop, driver)
@@ -278,16 +293,25 @@ def _first_step(conn: SocketConnection, state: AsyncState, coro: Any) -> None:
         yielded = state.context.run(next, coro.__await__(), _RETURNED)  # type: ignore[union-attr]
     except BaseException as exc:
         _leave_task(aloop, driver)
-        if isinstance(exc, asyncio.CancelledError):
-            return
-        if not isinstance(exc, Exception):
-            raise
-        app_log.error("Error in receive() of %r", conn, exc_info=exc)
-        conn._abort("hook_error")
+        _step_failed(conn, exc)
         return
     _leave_task(aloop, driver)
-    if yielded is _RETURNED:
+    if yielded is not _RETURNED:
+        _suspended(conn, state, driver, coro, yielded)
+
+
+def _step_failed(conn: SocketConnection, exc: BaseException) -> None:
+    if isinstance(exc, asyncio.CancelledError):
         return
+    if not isinstance(exc, Exception):
+        raise exc
+    app_log.error("Error in receive() of %r", conn, exc_info=exc)
+    conn._abort("hook_error")
+
+
+def _suspended(conn: SocketConnection, state: AsyncState, driver: asyncio.Task[Any],
+               coro: Any, yielded: Any) -> None:
+    """The first step suspended: the driver carries the coroutine on."""
     if conn._state == CLOSED:  # it ended the connection itself: no one resumes it
         coro.close()
         return
@@ -316,7 +340,13 @@ def _new_driver(conn: SocketConnection, state: AsyncState) -> asyncio.Task[Any]:
     pending = conn._worker.loop.guest.pending
     pending.add(driver)
     driver.add_done_callback(pending.discard)
+    driver.add_done_callback(functools.partial(_driver_ended, state))
     return driver
+
+
+def _driver_ended(state: AsyncState, driver: asyncio.Task[Any]) -> None:
+    if state.driver is driver:
+        state.driver = None
 
 
 async def _drive(conn: SocketConnection, state: AsyncState) -> None:
