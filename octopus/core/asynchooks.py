@@ -14,11 +14,13 @@ the versions below; its hooks run in this order, one at a time::
 Invariants:
 - ``current`` is the connection's one pending hook task; while it is set, each
   message read goes to ``backlog`` (in order) instead of to ``receive()``.
-- A hook's task is eager (``asyncio.eager_task_factory``'s Task on 3.12+;
-  on 3.11 its first step is run at once, see ``octopus.core.aio``): its first
-  step runs inside the dispatch, so a ``receive()`` that never suspends is
-  done before the next message, with no loop round trip.
-  Its replies are corked with the rest of the read, as for plain hooks.
+- ``receive()`` runs in the connection's driver task (``_first_step``): its
+  first step at once, inside the dispatch, so one that never suspends is done
+  before the next message, with no loop round trip and no Task made; one that
+  suspends is carried on by the driver, which is then ``current``. Other
+  hooks get an eager Task each (``asyncio.eager_task_factory``'s on 3.12+; on
+  3.11 its first step is run at once, see ``octopus.core.aio``).
+  Replies are corked with the rest of the read, as for plain hooks.
 - Backpressure: once the backlog holds ``BACKLOG_MESSAGES`` messages or
   ``BACKLOG_BYTES`` bytes, reading pauses (the kernel's buffer fills and TCP
   holds the client back) until the handler catches up. What one read
