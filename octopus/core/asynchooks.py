@@ -122,6 +122,13 @@ def is_busy(conn: SocketConnection) -> bool:
     return state is not None and (state.current is not None or bool(state.backlog))
 
 
+def let_go(conn: SocketConnection) -> None:
+    """The connection moved to another worker (hand-off): end its idle driver."""
+    state: AsyncState | None = getattr(conn, "_aio", None)
+    if state is not None and state.driver is not None:
+        state.driver.cancel()
+
+
 def call_hook(conn: SocketConnection, hook: Callable[..., Any], *args: Any,
               then: Callable[[Any], object] | None = None) -> None:
     """Run ``hook(*args)`` in the connection's order of hooks; ``then(result)``

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from octopus.coordination.scoreboard import READY
-from octopus.core.asynchooks import is_busy
+from octopus.core.asynchooks import is_busy, let_go
 from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
 from octopus.core.framing import LengthFramer, LineFramer
 from octopus.core.loop import EPOLLIN, EPOLLOUT, Timer
@@ -365,6 +365,7 @@ class Evacuation:
         if conn._idle_timer is not None:
             conn._idle_timer.cancel()
         conn._state = CLOSED
+        let_go(conn)
         conn._corked = False
         output = conn._drop_output()
         self.worker.admission.release(conn._fd)  # counted again where it arrives
