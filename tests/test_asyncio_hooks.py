@@ -569,3 +569,22 @@ def test_plain_classes_keep_the_direct_path() -> None:
 
     assert Plain._on_events is SocketConnection._on_events and Plain._async is None
     assert Async._on_events is asynchooks._on_events and Async._async is not None
+
+
+class Signals(SocketConnection):
+    framing = "line"
+
+    async def receive(self, message: bytes) -> None:
+        try:
+            asyncio.get_running_loop().add_signal_handler(15, lambda: None)
+        except RuntimeError as exc:
+            self.send(str(exc).encode())
+
+
+def test_asyncio_signal_handlers_are_refused_with_a_reason(
+        threaded_server: ServeThread) -> None:
+    server = threaded_server(Signals)
+    client = LineClient(server.address)
+    client.send_line("install")
+    assert "the worker handles its signals itself" in client.read_line()
+    client.close()

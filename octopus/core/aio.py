@@ -67,6 +67,13 @@ class GuestLoop(asyncio.SelectorEventLoop):
         # the same answer without a Python frame (a third of a Future's cost).
         self.get_debug = functools.partial(getattr, self, "_debug")  # type: ignore[method-assign]
 
+    def add_signal_handler(  # type: ignore[override]
+            self, sig: int, callback: Callable[..., object], *args: Any) -> None:
+        # It would take over signal.set_wakeup_fd, through which the worker
+        # learns of SIGTERM and the rest.
+        raise RuntimeError("asyncio signal handlers are not available in an octopus worker: "
+                           "the worker handles its signals itself")
+
     def _call_soon(self, callback: Any, args: Any, context: Any) -> Any:
         handle = super()._call_soon(callback, args, context)  # type: ignore[misc]
         self._host_wake()
