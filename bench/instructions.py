@@ -81,6 +81,11 @@ SERVERS = {server.name: server for server in (
     Server("octopus-length-pure", (PY, str(PEERS / "octopus_echo.py"), "--framing", "length"),
            env=(("OCTOPUS_PURE_PYTHON", "1"),), message=LENGTH_MESSAGE),
     Server("octopusd", _octopusd("--framing", "raw"), master=True),
+    # async def receive(), and the asyncio Protocol server it is measured against.
+    Server("asyncio", (PY, str(PEERS / "asyncio_echo.py"))),
+    Server("octopus-async", (PY, str(PEERS / "octopus_async_echo.py"), "--framing", "raw")),
+    Server("octopus-async-line", (PY, str(PEERS / "octopus_async_echo.py"),
+                                  "--framing", "line")),
 )}
 DEFAULT = ("c", "uvloop", "epoll", "octopus", "octopus-pure", "octopus-line",
            "octopus-line-pure", "octopus-length", "octopus-length-pure", "octopusd")

@@ -83,6 +83,9 @@ SERVERS: dict[str, ServerSpec] = {
                    octopus=True, env=(("OCTOPUS_PURE_PYTHON", "1"),)),
         ServerSpec("octopus-line", (PY, str(PEERS / "octopus_echo.py"), "--framing", "line"),
                    octopus=True),
+        # async def receive() (the coroutine path), against asyncio and uvloop.
+        ServerSpec("octopus-async", (PY, str(PEERS / "octopus_async_echo.py"),
+                                     "--framing", "raw"), octopus=True),
         ServerSpec("octopusd", octopusd("octopus_echo:Echo"), octopus=True),
         # Admission control on, its limits never reached: what an admitted connection pays.
         ServerSpec("octopusd-admission", (*octopusd("octopus_echo:Echo"),

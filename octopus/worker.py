@@ -216,6 +216,8 @@ class Worker:
     def run(self) -> None:
         """Serve until ``stop()``; every connection is closed on return."""
         self.start_accepting()
+        guest = self.loop.guest  # the hooks' asyncio loop: running until the last close()
+        entered = guest.enter()
         try:
             self.loop.run()
         finally:
@@ -225,7 +227,12 @@ class Worker:
                 preamble.abort()
             for conn in list(self.connections.values()):
                 conn._abort("shutdown")
-            self.threads.shutdown()
+            try:
+                guest.finish()  # cancelled handlers unwind, close() coroutines end
+            finally:
+                if entered:
+                    guest.exit()
+                self.threads.shutdown()
 
     def start_accepting(self) -> None:
         if self.accepting or self._stopping:

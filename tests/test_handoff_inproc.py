@@ -8,6 +8,7 @@ test can look at the connection objects on both sides of the move.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -21,6 +22,7 @@ from octopus import SocketConnection, config
 from octopus.broadcast.ledger import Ledger
 from octopus.broadcast.local import LocalMesh
 from octopus.coordination.scoreboard import READY, Scoreboard
+from octopus.core import asynchooks
 from octopus.core.connection import CLOSED, OPEN
 from octopus.core.loop import EPOLLIN
 from octopus.handoff.handoff import Handoff
@@ -143,7 +145,7 @@ def test_a_moved_connection_is_whole_and_keeps_input_output_and_idle_time(pair: 
         assert New.resumed == [(conn, {"said": "hi"})]
         assert type(conn) is New and conn.address == client.getsockname()
         missing = [name for name in SocketConnection.__slots__
-                   if name != "_connector" and not hasattr(conn, name)]
+                   if name not in ("_connector", "_aio") and not hasattr(conn, name)]
         assert missing == []
         assert conn._idle_timer is not None
         assert 19 < pair.new.loop.time - conn._last_input < 25
@@ -200,3 +202,35 @@ def test_a_connection_closed_during_the_move_stays_and_drains(pair: Pair) -> Non
         pair.run_until(lambda: old._state == CLOSED)
         client.settimeout(5)
         assert client.recv(10) == b""
+
+
+class SlowOld(Old):
+    """An async handler that is still pending when the reload begins."""
+
+    log: ClassVar[list[str]] = []
+
+    async def receive(self, message: bytes) -> None:
+        self.log.append("handling")
+        await asyncio.sleep(0.1)
+        self.log.append("handled")
+        self.send(b"old:" + message)
+
+    def suspend(self) -> Any:
+        self.log.append("suspend")
+        return super().suspend()
+
+
+def test_a_pending_async_handler_finishes_before_its_connection_moves(pair: Pair) -> None:
+    pair.old.connection_class = SlowOld
+    server, client = tcp_pair()
+    with client:
+        old = pair.serve(server)
+        client.sendall(b"first\n")
+        pair.run_until(lambda: SlowOld.log)
+        assert asynchooks.is_busy(old)
+        pair.move()
+        assert SlowOld.log == ["handling", "handled", "suspend"]
+        assert pair.reports == ["handoff moved=1 drained=0 failed=0"]
+        assert pair.read(client, 10) == b"old:first\n"
+        client.sendall(b"second\n")
+        assert pair.read(client, 11) == b"new:second\n"

@@ -4,6 +4,7 @@ for what a well-behaved library will not send."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 import zlib
@@ -257,6 +258,38 @@ def test_the_handshake_hook_refuses_with_a_status(threaded_server: Start) -> Non
     with ws_connect(url(server, "/private"), additional_headers={"X-Token": "secret"}):
         wait_until(lambda: "connect" in Gate.seen)
     assert closes(server, "ws_handshake") == 1
+
+
+class AsyncGate(SocketConnection):
+    """An ``async def handshake()`` that awaits (as a token lookup would) before it decides."""
+
+    seen: ClassVar[list[Any]] = []
+
+    async def handshake(self, request: Any) -> int | None:
+        await asyncio.sleep(0.05)
+        self.seen.append(request.path)
+        if request.path == "/boom":
+            raise RuntimeError("lookup failed")
+        return None if request.headers.get("x-token") == "secret" else 403
+
+    async def connect(self) -> None:
+        self.seen.append("connect")
+
+
+def test_an_async_handshake_hook_decides_after_it_awaits(threaded_server: Start) -> None:
+    AsyncGate.seen.clear()
+    server = threaded_server(AsyncGate, "127.0.0.1:0 ws")
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(url(server, "/private"), additional_headers={"X-Token": "wrong"})
+    assert refused.value.response.status_code == 403
+    with pytest.raises(InvalidStatus) as failed:
+        ws_connect(url(server, "/boom"))
+    assert failed.value.response.status_code == 500
+    assert AsyncGate.seen == ["/private", "/boom"]  # connect() ran for neither
+    with ws_connect(url(server, "/private"), additional_headers={"X-Token": "secret"}):
+        wait_until(lambda: "connect" in AsyncGate.seen)
+    assert closes(server, "ws_handshake") == 1
+    assert closes(server, "hook_error") == 1
 
 
 def test_a_handshake_over_16_kib_or_too_slow_is_closed_and_counted(

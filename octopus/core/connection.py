@@ -26,6 +26,10 @@ outbound one, connected or not)::
                 slow consumer, oversized message,
                 quick stop
 
+A class with an ``async def`` hook takes the same table through the methods
+of ``octopus.core.asynchooks``: its hooks run as tasks, one at a time per
+connection, and what is read meanwhile waits in a bounded backlog.
+
 LINGER exists because closing a socket that still has unread input makes the
 kernel send RST instead of FIN, and an RST can make the peer drop the reply it
 has not read yet: so after our FIN we read and discard until the peer's EOF,
@@ -52,7 +56,7 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from octopus.core.fdio import read as _read
@@ -91,8 +95,12 @@ class SocketConnection:
     # Set once per class (__init_subclass__): the flush calls drained() only
     # for classes that define it.
     _wants_drained: ClassVar[bool] = False
+    # Set for classes with an ``async def`` hook (octopus.core.asynchooks): what
+    # holds a connection's pending handler and backlog. None: the direct path.
+    _async: ClassVar[type | None] = None
 
     __slots__ = (
+        "_aio",
         "_connected",
         "_connector",
         "_corked",
@@ -140,22 +148,22 @@ class SocketConnection:
     websocket: WebSocketDetails | None  # on ws listeners: path, headers, subprotocol
     _ws: WebSocketLink | None  # on ws listeners: the WebSocket layer (octopus.transports.wslayer)
 
-    def connect(self) -> None:
+    def connect(self) -> Awaitable[None] | None:
         """A client connected."""
 
-    def receive(self, message: bytes) -> None:
+    def receive(self, message: bytes) -> Awaitable[None] | None:
         """One message arrived (on a WebSocket: ``str`` for text, ``bytes`` for binary)."""
 
-    def handshake(self, request: Any) -> int | None:
+    def handshake(self, request: Any) -> int | Awaitable[int | None] | None:
         """On a ``ws`` listener, before ``connect()``: ``request.path``, ``.headers``
         (case-insensitive) and ``.subprotocols`` (offered). Return None to accept,
         or an HTTP status code to refuse (``connect()`` then never runs)."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> Awaitable[None] | None:
         """The connection is gone, whichever side ended it."""
 
-    def drained(self) -> None:
+    def drained(self) -> Awaitable[None] | None:
         """Output that had to wait has all been written: room to send more."""
 
     def suspend(self) -> Any:
@@ -166,13 +174,19 @@ class SocketConnection:
         """
         return None
 
-    def resume(self, state: Any) -> None:
+    def resume(self, state: Any) -> Awaitable[None] | None:
         """This connection was moved here from a retiring worker; ``state`` is
         what its ``suspend()`` returned. Runs instead of ``connect()``."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._wants_drained = cls.drained is not SocketConnection.drained
+        # Decided once per class: a class whose hooks are all plain functions
+        # keeps the direct path; one with an async def hook gets the methods
+        # that run hooks as tasks on the worker's asyncio loop.
+        from octopus.core import asynchooks
+
+        asynchooks.prepare(cls)
 
     def send(self, data: bytes) -> None:
         """Queue ``data`` (framed as this connection frames); never blocks."""
@@ -342,6 +356,8 @@ class SocketConnection:
         self._wreserved = 0
         self._idle_timer = None
         self._ws = self.websocket = None
+        if self._async is not None:
+            self._aio = self._async(worker)
         self.address = address
         if type(address) is tuple:  # TCP: (host, port, ...)
             self._sock = sock
@@ -482,11 +498,23 @@ class SocketConnection:
 
     def _run_hook(self, hook: Callable[[], object]) -> None:
         try:
-            hook()
+            result = hook()
         except Exception:
             app_log.error("Error in %s() of %r", getattr(hook, "__name__", "callback"),
                           self, exc_info=True)
             self._abort("hook_error")
+            return
+        if result is not None:  # an async def callback (call_later ...): a task
+            from octopus.core.asynchooks import adopt
+
+            adopt(self, result, hook)
+
+    def _run_close(self) -> None:
+        """The close() hook (the async classes wait for a cancelled handler first)."""
+        try:
+            self.close()
+        except Exception:
+            app_log.error("Error in close() of %r", self, exc_info=True)
 
     def _peer_eof(self) -> None:
         # The peer will send nothing more; it may still read our reply.
@@ -639,7 +667,4 @@ class SocketConnection:
         self._close_socket()
         self._worker.connection_closed(self)
         if self._connected:
-            try:
-                self.close()
-            except Exception:
-                app_log.error("Error in close() of %r", self, exc_info=True)
+            self._run_close()

@@ -23,6 +23,11 @@ handler write the signal number into a non-blocking socketpair that the loop
 watches, so a signal wakes ``epoll_wait`` and is dispatched here, in ordinary
 code, between callbacks. Handlers installed by a loop are restored by
 ``close()``.
+
+asyncio: every loop carries a guest asyncio loop (``octopus.core.aio``) whose
+epoll fd is registered here like any other; it is stepped when that fd is
+ready, through ``call_soon`` when it has callbacks ready, and by a timer when
+its first timer is due. ``run()`` makes it the thread's running loop.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from types import FrameType
+
+from octopus.core.aio import Guest
 
 log = logging.getLogger("octopus.worker")
 
@@ -94,7 +101,9 @@ class Loop:
         self._signal_handlers: dict[int, Callable[[], object]] = {}
         self._saved_signals: dict[int, object] = {}
         self._saved_wakeup_fd: int | None = None
-
+        # The asyncio loop of the hooks (octopus.core.aio), stepped from run().
+        self.guest = Guest(self.call_soon, self.call_later)
+        self.register(self.guest.fd, EPOLLIN, self.guest.step)
 
     def register(self, fd: int, events: int, callback: EventCallback) -> None:
         self._epoll.register(fd, events)
@@ -196,6 +205,8 @@ class Loop:
         soon = self._soon
         timers = self._timers
         monotonic = time.monotonic
+        guest = self.guest
+        entered = guest.enter()
         try:
             while not self._stopping:
                 if soon:
@@ -223,8 +234,11 @@ class Loop:
                     self.on_tick(now)
         finally:
             self._stopping = False
+            if entered:
+                guest.exit()
 
     def close(self) -> None:
+        self.guest.close()
         self._restore_signals()
         self._callbacks.clear()
         self._epoll.close()

@@ -98,7 +98,12 @@ def deliver_result(conn: SocketConnection, function: Callable[..., Any],
     if then is None or conn._state == CLOSED:
         return
     try:
-        then(error if error is not None else future.result())
+        result = then(error if error is not None else future.result())
     except Exception:
         app_log.error("Error in %s() of %r", _name(then), conn, exc_info=True)
         conn._abort("hook_error")
+        return
+    if result is not None:  # then is an async def: a task of its own
+        from octopus.core.asynchooks import adopt
+
+        adopt(conn, result, then)

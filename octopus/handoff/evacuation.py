@@ -17,6 +17,11 @@ corked, so ``send()`` only appends; nothing is read or written. Then:
 - "later" (we are behind on a broadcast sender): served here again, and
   offered again shortly, up to ``RETRIES`` times.
 
+A connection whose ``async def`` hook is still running (or has messages
+waiting for it) is not offered yet: ``suspend()`` must see the state that
+handler leaves. It is served here meanwhile and offered again every
+``RETRY_DELAY``, for up to ``HANDLER_WAIT`` seconds; then it is left to drain here.
+
 Once nothing is on offer, the counts go to the master (``handoff moved=N
 drained=N failed=N`` on the report pipe), and the worker exits when its
 last connection is gone.
@@ -37,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from octopus.coordination.scoreboard import READY
+from octopus.core.asynchooks import is_busy, let_go
 from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
 from octopus.core.framing import LengthFramer, LineFramer
 from octopus.core.loop import EPOLLIN, EPOLLOUT, Timer
@@ -58,6 +64,7 @@ ANSWER_TIMEOUT = 5.0  # seconds the old worker waits for an ANSWER
 # A connection the new worker asks for later (we are behind on a broadcast
 # sender) is served here meanwhile, and offered again after RETRY_DELAY.
 RETRY_DELAY, RETRIES = 0.02, 25
+HANDLER_WAIT = 5.0  # seconds a connection's pending async handler may delay its move
 
 
 @dataclass(eq=False)
@@ -99,6 +106,7 @@ class Evacuation:
         self.moved = self.drained = self.failed = 0
         self.letting_go: list[SocketConnection] = []  # moved, COMMIT not written yet
         self.attempts: dict[int, int] = {}  # by id(conn): offers answered "later"
+        self.waits: dict[int, int] = {}  # by id(conn): offers put off for a pending handler
         self.retrying = 0  # connections waiting to be offered again
         self.reasons: Counter[str] = Counter()
         self.finished = False
@@ -192,6 +200,9 @@ class Evacuation:
             conn = target.queue.popleft()
             if not self._movable(conn):
                 self.drained += 1
+                continue
+            if is_busy(conn):
+                self._wait_for_handler(key, conn)
                 continue
             record = self._freeze(conn, key)
             if record is not None:
@@ -291,6 +302,17 @@ class Evacuation:
         self.retrying += 1
         self.loop.call_later(RETRY_DELAY, functools.partial(self._requeue, move))
 
+    def _wait_for_handler(self, key: Key, conn: SocketConnection) -> None:
+        waits = self.waits[id(conn)] = self.waits.get(id(conn), 0) + 1
+        if waits * RETRY_DELAY > HANDLER_WAIT:
+            log.info("hand-off: %r still runs a handler after %gs: it drains here",
+                     conn, HANDLER_WAIT)
+            self.drained += 1
+            return
+        self.retrying += 1
+        move = _Move(conn, key, conn._events, _held_nothing)
+        self.loop.call_later(RETRY_DELAY, functools.partial(self._requeue, move))
+
     def _requeue(self, move: _Move) -> None:
         self.retrying -= 1
         target = self.targets[move.target]
@@ -347,6 +369,7 @@ class Evacuation:
         if conn._idle_timer is not None:
             conn._idle_timer.cancel()
         conn._state = CLOSED
+        let_go(conn)
         conn._corked = False
         output = conn._drop_output()
         self.worker.admission.release(conn._fd)  # counted again where it arrives
@@ -413,3 +436,7 @@ class Evacuation:
         self.worker.restart_websockets()
         if not connections:
             self.worker.loop.stop()
+
+
+def _held_nothing(mask: int) -> None:
+    """The callback of a _Move that was never held (waiting for its handler)."""

@@ -64,6 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from octopus.core.asynchooks import adopt
 from octopus.core.connection import _PAUSED, CLOSED, OPEN, SocketConnection
 from octopus.core.loop import EPOLLIN, EPOLLOUT
 from octopus.core.peers import InternalListener, Peers, bind_unique
@@ -286,7 +287,9 @@ class _Taker:
         self.loop.register(fd, _PAUSED, _ignore)
         conn._connected = True  # close() now pairs with resume()
         try:
-            conn.resume(state)
+            result = conn.resume(state)
+            if result is not None:  # async def resume(): the first hook task
+                adopt(conn, result, conn.resume)
         except Exception:
             app_log.error("Error in resume() of %r: it stays in its old worker", conn,
                           exc_info=True)
@@ -375,7 +378,4 @@ class _Taker:
         conn._state = CLOSED
         conn._drop_output()
         conn._close_socket()
-        try:
-            conn.close()
-        except Exception:
-            app_log.error("Error in close() of %r", conn, exc_info=True)
+        conn._run_close()

@@ -86,6 +86,9 @@ def drop_privileges(settings: Settings) -> None:
     # the new user may not reach the directories octopus was installed in.
     if settings.broadcast != "local":
         importlib.import_module("octopus.broadcast.redis")
+    # Python 3.13's importlib.invalidate_caches() (prepare_path calls it)
+    # imports importlib.metadata on first use.
+    importlib.import_module("importlib.metadata")
     privileges.drop(settings.user, settings.group, settings.umask)
 
 

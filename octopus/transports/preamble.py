@@ -23,6 +23,7 @@ since no further readiness event would announce them.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import logging
@@ -30,6 +31,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from octopus.core.framing import NEED_DATA, FrameError, Framer
@@ -293,8 +295,32 @@ class Preamble:
             self._send(ws.refuse(500))
             self._fail("hook_error", "handshake() raised")
             return
+        if type(status) is CoroutineType:  # async def handshake(): answer once it returns
+            task = worker.loop.guest.task(status)
+            if task.done():
+                self._handshake_done(task)
+            else:
+                task.add_done_callback(self._handshake_done)
+            return
+        self._answer(status)
+
+    def _handshake_done(self, task: asyncio.Task[Any]) -> None:
+        if self.ws is None or self.worker.preambles.get(self.fd) is not self:
+            return  # failed meanwhile (timeout, the worker stopping): nothing to answer
+        if task.cancelled() or task.exception() is not None:
+            app_log.error("Error in handshake() of %s", self.worker.connection_class.__qualname__,
+                          exc_info=None if task.cancelled() else task.exception())
+            self._send(self.ws.refuse(500))
+            self._fail("hook_error", "handshake() raised")
+            return
+        self._answer(task.result())
+
+    def _answer(self, status: object) -> None:
+        """Accept the WebSocket (``status`` None) or refuse it with that HTTP status."""
+        ws = self.ws
+        assert ws is not None
         if status is not None:
-            self._send(ws.refuse(int(status)))
+            self._send(ws.refuse(int(status)))  # type: ignore[call-overload]
             self._fail("ws_handshake", f"handshake() refused it with {status}")
             return
         answer, opened = ws.accept()
