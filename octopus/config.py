@@ -59,11 +59,13 @@ def _at_most(maximum: float, value: object) -> ValueError:
     return ValueError(f"expected at most {maximum:.0f}, got {value!r}")
 
 
-def _positive_int(maximum: int) -> Parser:
+def _integer(minimum: int, maximum: int) -> Parser:
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
     def parse(value: object) -> int:
         number = _maybe_int(value)
-        if number is None or number < 1:
-            raise _expected("a positive integer", value)
+        if number is None or number < minimum:
+            raise _expected(what, value)
         if number > maximum:
             raise _at_most(maximum, value)
         return number
@@ -71,16 +73,12 @@ def _positive_int(maximum: int) -> Parser:
     return parse
 
 
+def _positive_int(maximum: int) -> Parser:
+    return _integer(1, maximum)
+
+
 _LIMIT_MAX = 10**9  # per_ip_connections, per_ip_rate: far above any real client
-
-
-def _count(value: object) -> int:
-    number = _maybe_int(value)
-    if number is None or number < 0:
-        raise _expected("an integer >= 0", value)
-    if number > _LIMIT_MAX:
-        raise _at_most(_LIMIT_MAX, value)
-    return number
+_count = _integer(0, _LIMIT_MAX)
 
 
 def _rate(value: object) -> float:

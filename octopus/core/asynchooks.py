@@ -111,7 +111,6 @@ def prepare(cls: type[SocketConnection]) -> None:
         return
     cls._async = AsyncState
     cls._on_events = _on_events  # type: ignore[method-assign]
-    cls._run_hook = _run_hook  # type: ignore[method-assign]
     cls._run_close = _run_close  # type: ignore[method-assign]
     cls._close_after_output = _close_after_output  # type: ignore[method-assign]
 
@@ -511,20 +510,6 @@ def _hold(conn: SocketConnection, state: AsyncState) -> None:
     if conn._events & EPOLLIN:
         state.held = True
         conn.pause_reading()
-
-
-def _run_hook(self: SocketConnection, hook: Callable[[], object]) -> None:
-    """``_run_hook`` for async classes: connect() and resume() go first in the
-    connection's order; other callbacks (drained(), timers) are tasks of their own."""
-    try:
-        result = hook()
-    except Exception:
-        app_log.error("Error in %s() of %r", getattr(hook, "__name__", "callback"),
-                      self, exc_info=True)
-        self._abort("hook_error")
-        return
-    if result is not None:
-        adopt(self, result, hook)
 
 
 def _close_after_output(self: SocketConnection, reason: str) -> None:
