@@ -54,7 +54,7 @@ log = logging.getLogger("octopus.worker")
 _ENTRY = struct.Struct("=48s i 4x d d d")
 _HEADER = struct.Struct("=i 4x")  # the lock holder's pid
 _KEY_SIZE = 48
-SLOTS = 65536  # 64 bytes each: 4 MiB shared by all workers
+SLOTS = 65536  # 80 bytes each: 5 MiB shared by all workers
 WINDOW = 8
 LOG_INTERVAL = 1.0  # seconds between two log lines about refusals
 LOCK_WAIT = 0.05  # seconds before a waiter looks for a dead holder
