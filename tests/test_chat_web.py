@@ -16,7 +16,8 @@ from tests.conftest import REPO, ServerProcess
 from tests.helpers import LineClient, wait_until
 
 pytest.importorskip("websockets", reason="the ws extra: pip install 'octopus[ws]'")
-pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason=MISSING)
+pytestmark = [pytest.mark.system,
+              pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason=MISSING)]
 
 EXAMPLES = REPO / "examples"
 PAGE = (EXAMPLES / "chat.html").as_uri()

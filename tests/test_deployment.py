@@ -46,9 +46,9 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
 HOSTS = {"host-a": "127.0.0.2", "host-b": "127.0.0.3"}  # server names in deploy/haproxy.cfg
 TIMEOUT = 10.0
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.system, pytest.mark.skipif(
     HAPROXY is None or REDIS_SERVER is None,
-    reason="needs haproxy and redis-server (apt-get install haproxy redis-server)")
+    reason="needs haproxy and redis-server (apt-get install haproxy redis-server)")]
 
 CHAT_APP = """
 import os

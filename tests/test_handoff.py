@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests import procs
 from tests.bcast_procs import Client, collect, group_by_pid
 from tests.handoff_clients import LINE_APP, Swarm
@@ -58,6 +60,7 @@ def moved_all(server: procs.Octopusd, tmp_path: Path, count: int) -> None:
     assert counts == expected, [line for line in server.lines if "hand-off" in line]
 
 
+@pytest.mark.system
 def test_1000_busy_connections_move_to_the_new_code_without_a_byte_lost(
         tmp_path: Path, servers: procs.Servers) -> None:
     server = start(servers, tmp_path, LINE_APP.format(tag=OLD), workers=4)

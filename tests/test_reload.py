@@ -206,6 +206,7 @@ def test_hup_during_the_first_boot_reloads_once_it_is_ready(
     server.wait_for_log("reload complete")
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)  # ~20 s on 2 idle cores: each worker imports the loop after fork
 def test_many_workers_start_and_reload(tmp_path: Path, servers: procs.Servers) -> None:
     """The scoreboard is sized from ``workers``: 130 of them reload (260 at once),
