@@ -24,11 +24,14 @@ forgotten, so it may get up to the limit again), which the
 ``octopus_admission_evictions_total`` counter shows: limiting goes on for
 every address in the table, it never switches off.
 
-Concurrency: one lock (a POSIX semaphore, shared across fork) guards the
-table; the critical section is a few struct reads and writes. A process that
-dies holding it (SIGKILL mid-section) would block the others, so the holder
-writes its pid first, and a waiter that times out frees the lock when that
-pid no longer exists.
+Concurrency: one lock guards the table; the critical section is a few reads
+and writes. A process that dies holding it (SIGKILL mid-section) would block
+the others, so the lock records its holder's pid, and a waiter that has waited
+``LOCK_WAIT`` frees it when that pid no longer exists. Compiled
+(``_fastio.admit``), the table's header word is the lock, taken by an atomic
+swap, and a whole admit costs a few hundred nanoseconds; on the pure path a
+POSIX semaphore (shared across fork) guards it and the holder writes its pid
+in the header. Every process of a server takes the same path.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from dataclasses import dataclass, field
 
 from octopus.config import Settings
 from octopus.core.counters import REFUSE_REASONS
+from octopus.core.fdio import fastio
 from octopus.logs import RateLimited
 
 log = logging.getLogger("octopus.worker")
@@ -58,6 +62,7 @@ SLOTS = 65536  # 80 bytes each: 5 MiB shared by all workers
 WINDOW = 8
 LOG_INTERVAL = 1.0  # seconds between two log lines about refusals
 LOCK_WAIT = 0.05  # seconds before a waiter looks for a dead holder
+_VERDICTS = (None, "per_ip_connections", "per_ip_rate")  # the compiled admit()'s codes
 REMEMBERED = 4096  # keys whose slot a process remembers (then it starts afresh)
 
 
@@ -70,11 +75,15 @@ class Table:
         self._mem = mmap.mmap(-1, _HEADER.size + slots * _ENTRY.size)
         self._lock = multiprocessing.get_context("fork").Lock()
         self._salt = os.urandom(8).hex()
+        self._salt_number = int(self._salt, 16)  # the compiled path's
         self._pid = self._pid_of = 0
         self._last: dict[bytes, int] = {}  # key -> slot, as this process last found it
         self.evictions = 0  # by this process
 
     def acquire(self) -> None:
+        if fastio is not None:  # the header is the lock (see _fastio.c)
+            fastio.lock(self._mem, self._pid or self._own_pid())
+            return
         if not self._lock.acquire(False):  # uncontended: no deadline to compute
             self._wait()
         _HEADER.pack_into(self._mem, 0, self._pid or self._own_pid())
@@ -95,11 +104,18 @@ class Table:
 
     def release_lock(self) -> None:
         _HEADER.pack_into(self._mem, 0, 0)
-        self._lock.release()
+        if fastio is None:
+            self._lock.release()
 
     def admit(self, key: str, now: float, limit: int, rate: float) -> str | None:
         """Take one connection for ``key`` (both limits 0: none); return the
         reason for refusing it instead, and then take nothing."""
+        if fastio is not None:
+            verdict = fastio.admit(self._mem, key.encode(), self._salt_number, now, limit,
+                                   float(rate), self._pid or self._own_pid())
+            if verdict & 4:
+                self.evictions += 1
+            return _VERDICTS[verdict & 3]
         padded = key.encode()[:_KEY_SIZE].ljust(_KEY_SIZE, b"\0")
         mem = self._mem
         self.acquire()
@@ -126,6 +142,10 @@ class Table:
 
     def give_back(self, key: str) -> None:
         """One connection of ``key`` ended."""
+        if fastio is not None:
+            fastio.give_back(self._mem, key.encode(), self._salt_number,
+                             self._pid or self._own_pid())
+            return
         padded = key.encode()[:_KEY_SIZE].ljust(_KEY_SIZE, b"\0")
         mem = self._mem
         self.acquire()
@@ -140,6 +160,8 @@ class Table:
             self.release_lock()
 
     def open_connections(self, key: str) -> int:
+        if fastio is not None:
+            return fastio.open_connections(self._mem, key.encode(), self._salt_number)
         at = self._slot_of(key.encode()[:_KEY_SIZE].ljust(_KEY_SIZE, b"\0"))
         return 0 if at < 0 else int(_ENTRY.unpack_from(self._mem, _offset(at))[1])
 

@@ -869,6 +869,278 @@ static PyTypeObject LengthFramerType = {
     .tp_getset = length_getset,
 };
 
+/* ---- admission: the per-address table that every worker shares ------------
+ *
+ * The layout of octopus/coordination/admission.py: a header (int32 holder pid,
+ * 4 bytes of padding), then 80-byte entries: key[48] (NUL-padded address),
+ * int32 open connections, 4 bytes of padding, double tokens, double refilled,
+ * double seen. Here the header is the lock itself: a process takes it by
+ * swapping its pid for 0 (an atomic on MAP_SHARED memory works across
+ * processes), and a waiter that has spun for ADM_DEAD_AFTER seconds takes it
+ * back from a holder that no longer exists (killed mid-section). The pure
+ * path guards the same table with a semaphore; one server never mixes them
+ * (OCTOPUS_PURE_PYTHON is the same in every process of a server). */
+
+#include <math.h>
+#include <sched.h>
+#include <signal.h>
+#include <time.h>
+
+#define ADM_HEADER 8
+#define ADM_ENTRY 80
+#define ADM_KEY 48
+#define ADM_WINDOW 8
+#define ADM_DEAD_AFTER 0.05
+
+typedef struct {
+    char key[ADM_KEY];
+    int32_t count;
+    int32_t pad;
+    double tokens, refilled, seen;
+} AdmEntry;
+
+typedef struct {
+    Py_buffer view;
+    int32_t *lock;
+    AdmEntry *entries;
+    Py_ssize_t slots;  /* a power of two */
+    char key[ADM_KEY];
+    uint64_t start;
+} AdmTable;
+
+static double
+adm_clock(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + now.tv_nsec / 1e9;
+}
+
+/* Open the table (a writable buffer) for key (bytes) under salt; 0, or -1 with an error. */
+static int
+adm_open(AdmTable *t, PyObject *table, PyObject *key, PyObject *salt)
+{
+    if (!PyBytes_Check(key)) {
+        PyErr_SetString(PyExc_TypeError, "key must be bytes");
+        return -1;
+    }
+    uint64_t hash = PyLong_AsUnsignedLongLongMask(salt);
+    if (hash == (uint64_t)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (PyObject_GetBuffer(table, &t->view, PyBUF_WRITABLE) < 0) {
+        return -1;
+    }
+    Py_ssize_t slots = (t->view.len - ADM_HEADER) / ADM_ENTRY;
+    if (slots < ADM_WINDOW || (slots & (slots - 1)) != 0) {
+        PyBuffer_Release(&t->view);
+        PyErr_SetString(PyExc_ValueError, "not an admission table");
+        return -1;
+    }
+    t->lock = (int32_t *)t->view.buf;
+    t->entries = (AdmEntry *)((char *)t->view.buf + ADM_HEADER);
+    t->slots = slots;
+    memset(t->key, 0, ADM_KEY);
+    Py_ssize_t size = PyBytes_GET_SIZE(key);
+    memcpy(t->key, PyBytes_AS_STRING(key), size < ADM_KEY ? (size_t)size : ADM_KEY);
+    /* FNV-1a over the salt and the padded key: the salt is random per master,
+     * so a client cannot aim its addresses at one window. */
+    hash ^= 14695981039346656037ULL;
+    for (int i = 0; i < ADM_KEY; i++) {
+        hash = (hash ^ (unsigned char)t->key[i]) * 1099511628211ULL;
+    }
+    t->start = hash;
+    return 0;
+}
+
+static void
+adm_lock(AdmTable *t, int32_t pid)
+{
+    double since = 0.0;
+    for (unsigned spins = 0;; spins++) {
+        int32_t free_ = 0;
+        if (__atomic_compare_exchange_n(t->lock, &free_, pid, 0, __ATOMIC_ACQUIRE,
+                                        __ATOMIC_RELAXED)) {
+            return;
+        }
+        if (spins < 64) {
+            continue;
+        }
+        sched_yield();
+        double now = adm_clock();
+        if (since == 0.0) {
+            since = now;
+        }
+        else if (now - since > ADM_DEAD_AFTER && free_ != 0
+                 && kill(free_, 0) == -1 && errno == ESRCH) {
+            /* The holder died inside: its section is void. */
+            __atomic_compare_exchange_n(t->lock, &free_, 0, 0, __ATOMIC_ACQUIRE,
+                                        __ATOMIC_RELAXED);
+            since = 0.0;
+        }
+    }
+}
+
+static void
+adm_close(AdmTable *t, int locked)
+{
+    if (locked) {
+        __atomic_store_n(t->lock, 0, __ATOMIC_RELEASE);
+    }
+    PyBuffer_Release(&t->view);
+}
+
+static AdmEntry *
+adm_find(AdmTable *t)
+{
+    for (int step = 0; step < ADM_WINDOW; step++) {
+        AdmEntry *e = &t->entries[(t->start + step) & (t->slots - 1)];
+        if (memcmp(e->key, t->key, ADM_KEY) == 0) {
+            return e;
+        }
+    }
+    return NULL;
+}
+
+/* admit(table, key, salt, now, limit, rate, pid) -> int: 0 admitted, 1 refused
+ * for per_ip_connections, 2 for per_ip_rate; plus 4 when an entry was evicted. */
+static PyObject *
+fastio_admit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "admit(table, key, salt, now, limit, rate, pid)");
+        return NULL;
+    }
+    double now = PyFloat_AsDouble(args[3]);
+    long long limit = PyLong_AsLongLong(args[4]);
+    double rate = PyFloat_AsDouble(args[5]);
+    long pid = PyLong_AsLong(args[6]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    AdmTable t;
+    if (adm_open(&t, args[0], args[1], args[2]) < 0) {
+        return NULL;
+    }
+    adm_lock(&t, (int32_t)pid);
+    int evicted = 0;
+    AdmEntry *e = adm_find(&t);
+    if (e == NULL) {
+        /* A free entry (empty, or nothing open and a full bucket), else the
+         * least recently seen one, evicted. */
+        AdmEntry *oldest = NULL;
+        for (int step = 0; step < ADM_WINDOW && e == NULL; step++) {
+            AdmEntry *c = &t.entries[(t.start + step) & (t.slots - 1)];
+            if (c->key[0] == 0 || (c->count == 0 && (
+                    rate == 0.0 || c->tokens + (now - c->refilled) * rate >= 2 * rate))) {
+                e = c;
+            }
+            else if (oldest == NULL || c->seen < oldest->seen) {
+                oldest = c;
+            }
+        }
+        if (e == NULL) {
+            e = oldest;
+            evicted = 4;
+        }
+        memcpy(e->key, t.key, ADM_KEY);
+        e->count = 0;
+        e->tokens = INFINITY;
+        e->refilled = now;
+    }
+    int verdict = 0;
+    e->seen = now;
+    if (rate != 0.0) {
+        double tokens = e->tokens + (now - e->refilled) * rate;
+        e->tokens = tokens < 2 * rate ? tokens : 2 * rate;
+        e->refilled = now;
+        if (e->tokens < 1.0) {
+            verdict = 2;
+        }
+    }
+    if (verdict == 0 && limit != 0 && e->count >= limit) {
+        verdict = 1;
+    }
+    if (verdict == 0) {
+        e->count += 1;
+        if (rate != 0.0) {
+            e->tokens -= 1.0;
+        }
+    }
+    adm_close(&t, 1);
+    return PyLong_FromLong(verdict | evicted);
+}
+
+/* give_back(table, key, salt, pid): one connection of key ended. */
+static PyObject *
+fastio_give_back(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "give_back(table, key, salt, pid)");
+        return NULL;
+    }
+    long pid = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    AdmTable t;
+    if (adm_open(&t, args[0], args[1], args[2]) < 0) {
+        return NULL;
+    }
+    adm_lock(&t, (int32_t)pid);
+    AdmEntry *e = adm_find(&t);
+    if (e != NULL && e->count > 0) {
+        e->count -= 1;
+    }
+    adm_close(&t, 1);
+    Py_RETURN_NONE;
+}
+
+/* open_connections(table, key, salt) -> int (unlocked: a look, for tests and status). */
+static PyObject *
+fastio_open_connections(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "open_connections(table, key, salt)");
+        return NULL;
+    }
+    AdmTable t;
+    if (adm_open(&t, args[0], args[1], args[2]) < 0) {
+        return NULL;
+    }
+    AdmEntry *e = adm_find(&t);
+    long count = e == NULL ? 0 : e->count;
+    adm_close(&t, 0);
+    return PyLong_FromLong(count);
+}
+
+/* lock(table, pid): take the table's lock and keep it (what a worker killed
+ * mid-section leaves behind; for the test that takes it back). */
+static PyObject *
+fastio_lock(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "lock(table, pid)");
+        return NULL;
+    }
+    long pid = PyLong_AsLong(args[1]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    AdmTable t;
+    PyObject *none_key = PyBytes_FromStringAndSize("", 0);
+    PyObject *zero = PyLong_FromLong(0);
+    int opened = none_key && zero ? adm_open(&t, args[0], none_key, zero) : -1;
+    Py_XDECREF(none_key);
+    Py_XDECREF(zero);
+    if (opened < 0) {
+        return NULL;
+    }
+    adm_lock(&t, (int32_t)pid);
+    adm_close(&t, 0);
+    Py_RETURN_NONE;
+}
+
 /* bind(need_data, too_large): what next_message() returns when a message is
  * incomplete, and the exception for one over the limit (framing.py's own). */
 static PyObject *
@@ -892,6 +1164,14 @@ static PyMethodDef fastio_methods[] = {
      "accept(fd) -> (fd, address): a non-blocking connection from a TCP listener."},
     {"bind", (PyCFunction)(void (*)(void))fastio_bind, METH_FASTCALL,
      "bind(need_data, too_large): the framers' NEED_DATA and MessageTooLarge."},
+    {"admit", (PyCFunction)(void (*)(void))fastio_admit, METH_FASTCALL,
+     "admit(table, key, salt, now, limit, rate, pid) -> int: the admission table's verdict."},
+    {"give_back", (PyCFunction)(void (*)(void))fastio_give_back, METH_FASTCALL,
+     "give_back(table, key, salt, pid): one connection of key ended."},
+    {"open_connections", (PyCFunction)(void (*)(void))fastio_open_connections, METH_FASTCALL,
+     "open_connections(table, key, salt) -> int: what the table counts for key."},
+    {"lock", (PyCFunction)(void (*)(void))fastio_lock, METH_FASTCALL,
+     "lock(table, pid): take the admission table's lock and keep it."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -36,6 +36,7 @@ if not PURE_PYTHON:
         pass
 
 COMPILED = _fastio is not None
+fastio = _fastio  # the compiled module, for the other parts that use it (None: pure path)
 
 read: Callable[[int, int], bytes] = os.read if _fastio is None else _fastio.read
 write: Callable[[int, Any], int] = os.write if _fastio is None else _fastio.write
