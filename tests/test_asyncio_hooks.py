@@ -537,7 +537,7 @@ class App(SocketConnection):
     async def receive(self, message):
         if message == b"block":
             while True:
-                time.sleep(1)  # blocks the loop: no await
+                time.sleep(0.1)  # blocks the loop: no await, ever
         self.send(b"%d" % os.getpid())
 """
 
