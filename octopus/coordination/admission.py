@@ -73,7 +73,8 @@ class Table:
     def __init__(self, slots: int = SLOTS) -> None:
         self.slots = slots
         self._mem = mmap.mmap(-1, _HEADER.size + slots * _ENTRY.size)
-        self._lock = multiprocessing.get_context("fork").Lock()
+        # The pure path's lock; compiled, the header word is the lock.
+        self._lock = multiprocessing.get_context("fork").Lock() if fastio is None else None
         self._salt = os.urandom(8).hex()
         self._salt_number = int(self._salt, 16)  # the compiled path's
         self._pid = self._pid_of = 0
@@ -84,12 +85,14 @@ class Table:
         if fastio is not None:  # the header is the lock (see _fastio.c)
             fastio.lock(self._mem, self._pid or self._own_pid())
             return
+        assert self._lock is not None
         if not self._lock.acquire(False):  # uncontended: no deadline to compute
             self._wait()
         _HEADER.pack_into(self._mem, 0, self._pid or self._own_pid())
 
     def _wait(self) -> None:
         lock = self._lock
+        assert lock is not None
         while not lock.acquire(timeout=LOCK_WAIT):
             (holder,) = _HEADER.unpack_from(self._mem, 0)
             if holder and not _alive(holder):
@@ -104,7 +107,7 @@ class Table:
 
     def release_lock(self) -> None:
         _HEADER.pack_into(self._mem, 0, 0)
-        if fastio is None:
+        if self._lock is not None:
             self._lock.release()
 
     def admit(self, key: str, now: float, limit: int, rate: float) -> str | None:
@@ -116,7 +119,7 @@ class Table:
             if verdict & 4:
                 self.evictions += 1
             return _VERDICTS[verdict & 3]
-        padded = key.encode()[:_KEY_SIZE].ljust(_KEY_SIZE, b"\0")
+        padded = _padded(key)
         mem = self._mem
         self.acquire()
         try:
@@ -146,7 +149,7 @@ class Table:
             fastio.give_back(self._mem, key.encode(), self._salt_number,
                              self._pid or self._own_pid())
             return
-        padded = key.encode()[:_KEY_SIZE].ljust(_KEY_SIZE, b"\0")
+        padded = _padded(key)
         mem = self._mem
         self.acquire()
         try:
@@ -162,7 +165,7 @@ class Table:
     def open_connections(self, key: str) -> int:
         if fastio is not None:
             return fastio.open_connections(self._mem, key.encode(), self._salt_number)
-        at = self._slot_of(key.encode()[:_KEY_SIZE].ljust(_KEY_SIZE, b"\0"))
+        at = self._slot_of(_padded(key))
         return 0 if at < 0 else int(_ENTRY.unpack_from(self._mem, _offset(at))[1])
 
     def _slot_of(self, padded: bytes) -> int:
@@ -202,6 +205,11 @@ class Table:
             free = oldest
             self.evictions += 1
         return free, 0, math.inf, now
+
+
+def _padded(key: str) -> bytes:
+    """``key`` as the table stores it: at most ``_KEY_SIZE`` bytes, NUL-padded."""
+    return key.encode()[:_KEY_SIZE].ljust(_KEY_SIZE, b"\0")
 
 
 def _offset(at: int) -> int:
