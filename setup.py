@@ -10,7 +10,8 @@ import os
 from setuptools import Extension, setup
 
 ext_modules = [] if os.environ.get("OCTOPUS_NO_EXTENSIONS") else [
-    Extension("octopus.core._fastio", ["octopus/core/_fastio.c"],
+    Extension("octopus.core._fastio", ["octopus/core/_fastio.c", "octopus/core/_hotpath.c"],
+              depends=["octopus/core/_fastio.h"],
               optional=not os.environ.get("OCTOPUS_REQUIRE_EXTENSIONS")),
 ]
 

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from octopus.config import Settings
 from octopus.coordination.admission import Admission
 from octopus.core.connection import SocketConnection
-from octopus.core.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS
+from octopus.core.counters import ACCEPT_PAUSE_CAUSES, CLOSE_REASONS, Tally
 from octopus.core.fdio import acceptor
 from octopus.core.framing import FRAMINGS
 from octopus.core.loop import EPOLLEXCLUSIVE, EPOLLIN, Loop, Timer
@@ -101,7 +101,7 @@ def preamble_limit(max_connections: int) -> int:
     return max(1, room // 2)
 
 
-class Worker:
+class Worker(Tally):
     """Accepts on ``listeners`` and runs ``connection_class`` for each client."""
 
     def __init__(

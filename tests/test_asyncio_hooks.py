@@ -588,3 +588,45 @@ def test_asyncio_signal_handlers_are_refused_with_a_reason(
     client.send_line("install")
     assert "the worker handles its signals itself" in client.read_line()
     client.close()
+
+
+class CurrentTask(SocketConnection):
+    """Reports which task is current: in an async receive(), and in what runs
+    after it outside any task (the loop's timer, asyncio's callback) or in a
+    task of its own."""
+
+    framing = "line"
+
+    async def receive(self, message: bytes) -> None:
+        self.send(b"receive: " + self.task_name())
+        if message == b"probe":
+            self.call_later(0, self.outside)
+            asyncio.get_running_loop().call_soon(self.outside)
+            asyncio.get_running_loop().create_task(self.inside(), name="inside")
+
+    def task_name(self) -> bytes:
+        task = asyncio.current_task()
+        return b"none" if task is None else b"a task" if task.get_name() != "inside" else b"inside"
+
+    def outside(self) -> None:
+        self.send(b"outside: " + self.task_name())
+
+    async def inside(self) -> None:
+        self.send(b"own task: " + self.task_name())
+
+
+def test_a_completed_first_step_leaves_no_current_task_behind(
+        threaded_server: ServeThread) -> None:
+    server = threaded_server(CurrentTask)
+    clients = [LineClient(server.address) for _ in range(3)]
+    for _ in range(3):  # first steps in a row, of several connections
+        for client in clients:
+            client.send_line("hi")
+        for client in clients:
+            assert client.read_line() == "receive: a task"
+    clients[0].send_line("probe")
+    replies = sorted(clients[0].read_line() for _ in range(4))
+    assert replies == ["outside: none", "outside: none", "own task: inside",
+                       "receive: a task"]
+    for client in clients:
+        client.close()

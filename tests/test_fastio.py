@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from octopus.core import connection, fdio
+from octopus.worker import Worker
 
 Read = Callable[[int, int], bytes]
 Write = Callable[[int, object], int]
@@ -113,12 +114,18 @@ def test_the_compiled_path_is_used_where_it_was_built() -> None:
     assert (built and not fdio.PURE_PYTHON) == fdio.COMPILED
     with socket.create_server(("127.0.0.1", 0)) as listener:
         accept = fdio.acceptor(listener)
+    send = connection.SocketConnection.__dict__["send"]
     if fdio.COMPILED:
         assert (connection._read, connection._write) == (_fastio.read, _fastio.write)
         assert getattr(accept, "func", None) is _fastio.accept
+        # The message path (_hotpath.c): send() in C, the counters in C fields.
+        assert type(send).__name__ == "method_descriptor"
+        assert issubclass(Worker, _fastio.Tally)
     else:
         assert (connection._read, connection._write) == (os.read, os.write)
         assert getattr(accept, "func", None) is None
+        assert type(send).__name__ == "function"
+        assert not any(base.__module__ == "octopus.core._fastio" for base in Worker.__mro__)
 
 
 def test_read_returns_what_came_then_raises_blocking_then_eof(

@@ -1,5 +1,6 @@
 /* accept(), read() and write() on non-blocking descriptors, holding the GIL;
- * and the line and length framers.
+ * the line and length framers; the admission table. (The loop's dispatch and
+ * send() are in _hotpath.c, the same module.)
  *
  * The optional compiled half of octopus.core.fdio and octopus.core.framing
  * (see there for the pure-Python paths, which behave the same). A non-blocking socket never
@@ -23,9 +24,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define BUFFER_SIZE 65536
+#include "_fastio.h"
 
-static char buffer[BUFFER_SIZE];
+char fastio_buffer[BUFFER_SIZE];
 
 /* The descriptor in ``obj``; -1 with an exception set if it is no int.
  * A negative one goes to the system call, which fails with EBADF. */
@@ -56,8 +57,8 @@ fd_argument(PyObject *const *args, Py_ssize_t nargs, const char *usage)
 
 /* -1 with an exception set, or 0 to try the call again (EINTR, and no
  * signal handler raised). */
-static int
-fail(void)
+int
+fastio_fail(void)
 {
     if (errno == EINTR && PyErr_CheckSignals() == 0) {
         return 0;
@@ -86,12 +87,12 @@ fastio_read(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         size = BUFFER_SIZE;  /* a short read, as a stream socket may give anyway */
     }
     ssize_t n;
-    while ((n = read(fd, buffer, (size_t)size)) < 0) {
-        if (fail() < 0) {
+    while ((n = read(fd, fastio_buffer, (size_t)size)) < 0) {
+        if (fastio_fail() < 0) {
             return NULL;
         }
     }
-    return PyBytes_FromStringAndSize(buffer, n);
+    return PyBytes_FromStringAndSize(fastio_buffer, n);
 }
 
 static PyObject *
@@ -107,7 +108,7 @@ fastio_write(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     ssize_t n;
     while ((n = write(fd, data.buf, (size_t)data.len)) < 0) {
-        if (fail() < 0) {
+        if (fastio_fail() < 0) {
             PyBuffer_Release(&data);
             return NULL;
         }
@@ -157,7 +158,7 @@ fastio_accept(PyObject *module, PyObject *listener)
     int fd;
     while ((fd = accept4(listener_fd, (struct sockaddr *)&peer, &length,
                          SOCK_NONBLOCK | SOCK_CLOEXEC)) < 0) {
-        if (fail() < 0) {
+        if (fastio_fail() < 0) {
             return NULL;
         }
         length = sizeof peer;
@@ -182,25 +183,11 @@ fastio_accept(PyObject *module, PyObject *listener)
  */
 
 static PyObject *need_data;   /* framing.NEED_DATA, given by bind() */
-static PyObject *too_large;   /* framing.MessageTooLarge */
+PyObject *too_large;          /* framing.MessageTooLarge */
 
 #define MAX_LENGTH 0xFFFFFFFFu    /* the largest length a 4-byte prefix declares */
 #define KEEP_CAPACITY 16384       /* an emptied buffer larger than this is freed */
 
-typedef struct {
-    PyObject_HEAD
-    char *data;
-    Py_ssize_t start, size, capacity;
-    Py_ssize_t max;
-    /* line: data[start:start + searched] holds no '\n' (never scanned twice) */
-    Py_ssize_t searched;
-    /* line: bytes handed to memchr in all, each once (the tests read it) */
-    Py_ssize_t scanned;
-    /* length: the body length of the frame in front once its header is
-     * parsed and checked against max; -1 while the header is pending */
-    Py_ssize_t need;
-    int eof;
-} Framer;
 
 /* One step of next_message(): 1 and a new reference in *message, 0 for
  * NEED_DATA, -1 with an exception set. */
@@ -208,7 +195,7 @@ typedef int (*next_fn)(Framer *, PyObject **);
 
 /* The bytes of ``obj`` without a copy: exact bytes directly, else through
  * the buffer protocol (release with release_bytes()). */
-static int
+int
 get_bytes(PyObject *obj, Py_buffer *view)
 {
     if (PyBytes_CheckExact(obj)) {
@@ -220,7 +207,7 @@ get_bytes(PyObject *obj, Py_buffer *view)
     return PyObject_GetBuffer(obj, view, PyBUF_SIMPLE);
 }
 
-static void
+void
 release_bytes(Py_buffer *view)
 {
     if (view->obj != NULL) {
@@ -366,6 +353,19 @@ drain(Framer *self, next_fn next)
 /* feed(data) then drain(), framing a chunk in place where nothing is held;
  * frame_chunk() holds what it leaves over. */
 static PyObject *
+chunk_messages(Framer *self, const char *data, Py_ssize_t size, next_fn next,
+               PyObject *(*frame_chunk)(Framer *, const char *, Py_ssize_t))
+{
+    if (self->size == 0 && size && !self->eof) {
+        return frame_chunk(self, data, size);
+    }
+    if (feed_bytes(self, data, size) < 0) {
+        return NULL;
+    }
+    return drain(self, next);
+}
+
+static PyObject *
 feed_messages(Framer *self, PyObject *data, next_fn next,
               PyObject *(*frame_chunk)(Framer *, const char *, Py_ssize_t))
 {
@@ -373,16 +373,7 @@ feed_messages(Framer *self, PyObject *data, next_fn next,
     if (get_bytes(data, &view) < 0) {
         return NULL;
     }
-    PyObject *messages;
-    if (self->size == 0 && view.len && !self->eof) {
-        messages = frame_chunk(self, view.buf, view.len);
-    }
-    else if (feed_bytes(self, view.buf, view.len) < 0) {
-        messages = NULL;
-    }
-    else {
-        messages = drain(self, next);
-    }
+    PyObject *messages = chunk_messages(self, view.buf, view.len, next, frame_chunk);
     release_bytes(&view);
     return messages;
 }
@@ -416,7 +407,7 @@ framer_buffered(Framer *self, void *Py_UNUSED(closure))
 
 /* Append head, message and tail to the bytearray ``buffer``; the message
  * is ``view``, already read. */
-static PyObject *
+PyObject *
 append_framed(PyObject *buffer, const char *head, Py_ssize_t head_size, Py_buffer *view,
               const char *tail, Py_ssize_t tail_size)
 {
@@ -732,6 +723,16 @@ length_feed_messages(Framer *self, PyObject *data)
     return feed_messages(self, data, length_next, length_frame_chunk);
 }
 
+/* feed_messages() of a line or length framer, from a buffer. */
+PyObject *
+framer_messages(Framer *self, const char *data, Py_ssize_t size)
+{
+    if (Py_IS_TYPE(self, &LineFramerType)) {
+        return chunk_messages(self, data, size, line_next, line_frame_chunk);
+    }
+    return chunk_messages(self, data, size, length_next, length_frame_chunk);
+}
+
 static int
 too_long_for_prefix(Py_ssize_t size)
 {
@@ -745,7 +746,7 @@ too_long_for_prefix(Py_ssize_t size)
 
 /* The 4-byte header of ``message``, read as ``view``. Where the message is
  * no plain bytes or bytearray, its len() must fit too, as in Python. */
-static int
+int
 length_header(PyObject *message, Py_buffer *view, char header[4])
 {
     Py_ssize_t size = view->len;
@@ -844,7 +845,7 @@ static PyGetSetDef length_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject LineFramerType = {
+PyTypeObject LineFramerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "octopus.core._fastio.LineFramer",
     .tp_doc = "LineFramer(max_size): newline-delimited messages (octopus.core.framing).",
@@ -856,7 +857,7 @@ static PyTypeObject LineFramerType = {
     .tp_getset = line_getset,
 };
 
-static PyTypeObject LengthFramerType = {
+PyTypeObject LengthFramerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "octopus.core._fastio.LengthFramer",
     .tp_doc = "LengthFramer(max_size): messages behind a 4-byte big-endian length "
@@ -1178,7 +1179,7 @@ static PyMethodDef fastio_methods[] = {
 static struct PyModuleDef fastio_module = {
     PyModuleDef_HEAD_INIT, "octopus.core._fastio",
     "read() and write() on non-blocking descriptors without releasing the GIL; "
-    "the line and length framers.",
+    "the line and length framers; the admission table; the loop's dispatch and send().",
     -1, fastio_methods, NULL, NULL, NULL, NULL,
 };
 
@@ -1193,7 +1194,8 @@ PyInit__fastio(void)
         return NULL;
     }
     if (PyModule_AddObjectRef(module, "LineFramer", (PyObject *)&LineFramerType) < 0
-            || PyModule_AddObjectRef(module, "LengthFramer", (PyObject *)&LengthFramerType) < 0) {
+            || PyModule_AddObjectRef(module, "LengthFramer", (PyObject *)&LengthFramerType) < 0
+            || hotpath_init(module) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -57,7 +57,8 @@ from octopus.core.connection import (
     SocketConnection,
     _read,
 )
-from octopus.core.framing import FrameError, MessageTooLarge
+from octopus.core.fdio import fastio
+from octopus.core.framing import FrameError
 from octopus.core.loop import EPOLLIN, EPOLLOUT
 
 if TYPE_CHECKING:
@@ -181,9 +182,8 @@ def _on_events(self: SocketConnection, mask: int) -> None:
             worker.messages_in += 1
             try:
                 coro = self.receive(data)
-            except Exception:
-                app_log.error("Error in receive() of %r", self, exc_info=True)
-                self._abort("hook_error")
+            except Exception as exc:
+                self._receive_failed(exc)
                 return
             if type(coro) is CoroutineType:
                 driver = state.driver
@@ -216,9 +216,14 @@ def _feed(conn: SocketConnection, data: bytes) -> None:
         try:
             messages = framer.feed_messages(data)
         except FrameError as exc:
-            log.info("closing %r: %s", conn, exc)
-            conn._abort("message_too_large" if isinstance(exc, MessageTooLarge) else "eof")
+            conn._frame_failed(exc)
             return
+    _deliver(conn, messages, not data)
+
+
+def _deliver(conn: SocketConnection, messages: list[Any], eof: bool) -> None:
+    """The messages of one read, and the peer's EOF if it came, in the
+    connection's order of hooks."""
     state: AsyncState = conn._aio
     if len(messages) == 1 and state.current is None and not state.backlog:
         conn._worker.messages_in += 1
@@ -232,7 +237,7 @@ def _feed(conn: SocketConnection, data: bytes) -> None:
             state.size += sum(map(len, messages))
     if conn._state != OPEN:
         return
-    if not data:
+    if eof:
         if state.current is None and not state.backlog:
             conn._peer_eof()
         else:
@@ -270,9 +275,8 @@ def _dispatch(conn: SocketConnection, state: AsyncState, queue: deque[Any]) -> N
 def _receive(conn: SocketConnection, message: Any) -> None:
     try:
         result = conn.receive(message)
-    except Exception:
-        app_log.error("Error in receive() of %r", conn, exc_info=True)
-        conn._abort("hook_error")
+    except Exception as exc:
+        conn._receive_failed(exc)
         return
     if type(result) is CoroutineType:
         _first_step(conn, conn._aio, result)
@@ -313,8 +317,7 @@ def _step_failed(conn: SocketConnection, exc: BaseException) -> None:
         return
     if not isinstance(exc, Exception):
         raise exc
-    app_log.error("Error in receive() of %r", conn, exc_info=exc)
-    conn._abort("hook_error")
+    conn._receive_failed(exc)
 
 
 def _suspended(conn: SocketConnection, state: AsyncState, driver: asyncio.Task[Any],
@@ -371,8 +374,7 @@ async def _drive(conn: SocketConnection, state: AsyncState) -> None:
             if not state.closed:  # someone else's cancel(): it ended this handler only
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
         except Exception as exc:
-            app_log.error("Error in receive() of %r", conn, exc_info=exc)
-            conn._abort("hook_error")
+            conn._receive_failed(exc)
         state.current = None
         if state.closed:
             state.closed = False
@@ -568,3 +570,25 @@ def _close_done(conn: SocketConnection, task: asyncio.Task[Any]) -> None:
 def _close_outcome(conn: SocketConnection, task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         app_log.error("Error in close() of %r", conn, exc_info=task.exception())
+
+
+def _current_tasks() -> dict[Any, Any] | None:
+    """The dict in which asyncio's _enter_task records the task each loop runs
+    (what current_task() reads), or None where that is not how it keeps them."""
+    table = getattr(asyncio.tasks, "_current_tasks", None)
+    if type(table) is not dict:
+        return None
+    key: Any = object()
+    task: Any = object()
+    _enter_task(key, task)
+    try:
+        return table if table.get(key) is task else None
+    finally:
+        _leave_task(key, task)
+
+
+if fastio is not None and (_tasks := _current_tasks()) is not None:
+    # The compiled read side (octopus/core/_hotpath.c) does _on_events's
+    # common case, and hands the rest to these functions.
+    fastio.bind_async(AsyncState, _on_events, _first_step, _suspended, _step_failed, _deliver,
+                      _tasks)

@@ -59,6 +59,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from octopus.core.fdio import fastio
 from octopus.core.fdio import read as _read
 from octopus.core.fdio import write as _write
 from octopus.core.framing import FrameError, MessageTooLarge, make_framer
@@ -219,9 +220,14 @@ class SocketConnection:
             return
         worker.bytes_out += sent
         if sent < len(data):
-            wbuf += memoryview(data)[sent:]
-            if len(wbuf) <= self._wreserved or self._output_grew():
-                self._watch(self._events | EPOLLOUT)  # EPOLLIN, or paused
+            self._unsent(memoryview(data)[sent:])
+
+    def _unsent(self, rest: bytes | memoryview) -> None:
+        """What a write left of a message: buffer it, then watch EPOLLOUT."""
+        wbuf = self._wbuf
+        wbuf += rest
+        if len(wbuf) <= self._wreserved or self._output_grew():
+            self._watch(self._events | EPOLLOUT)  # EPOLLIN, or paused
 
     def disconnect(self) -> None:
         """Close from the server side once everything sent has been written."""
@@ -396,9 +402,8 @@ class SocketConnection:
                     worker.messages_in += 1
                     try:
                         self.receive(data)
-                    except Exception:
-                        app_log.error("Error in receive() of %r", self, exc_info=True)
-                        self._abort("hook_error")
+                    except Exception as exc:
+                        self._receive_failed(exc)
                 else:
                     self._peer_eof()
                 state = self._state
@@ -416,16 +421,14 @@ class SocketConnection:
         try:
             messages = framer.feed_messages(data)
         except FrameError as exc:
-            log.info("closing %r: %s", self, exc)
-            self._abort("message_too_large" if isinstance(exc, MessageTooLarge) else "eof")
+            self._frame_failed(exc)
             return
         if len(messages) == 1:  # the usual read: one message, no batch to cork
             self._worker.messages_in += 1
             try:
                 self.receive(messages[0])
-            except Exception:
-                app_log.error("Error in receive() of %r", self, exc_info=True)
-                self._abort("hook_error")
+            except Exception as exc:
+                self._receive_failed(exc)
         elif messages:
             self._worker.messages_in += len(messages)
             self._corked = True
@@ -434,15 +437,22 @@ class SocketConnection:
                     if self._state != OPEN:
                         break
                     self.receive(message)
-            except Exception:
-                app_log.error("Error in receive() of %r", self, exc_info=True)
-                self._abort("hook_error")
+            except Exception as exc:
+                self._receive_failed(exc)
             finally:
                 self._corked = False
             if self._wbuf and not self._events & EPOLLOUT:
                 self._flush()
         if not data:
             self._peer_eof()
+
+    def _receive_failed(self, exc: Exception) -> None:
+        app_log.error("Error in receive() of %r", self, exc_info=exc)
+        self._abort("hook_error")
+
+    def _frame_failed(self, exc: FrameError) -> None:
+        log.info("closing %r: %s", self, exc)
+        self._abort("message_too_large" if isinstance(exc, MessageTooLarge) else "eof")
 
     def _on_linger_input(self) -> None:
         try:
@@ -668,3 +678,12 @@ class SocketConnection:
         self._worker.connection_closed(self)
         if self._connected:
             self._run_close()
+
+
+if fastio is not None:
+    # The compiled message path (octopus/core/_hotpath.c): the loop reads,
+    # frames and calls receive() for an OPEN connection registered with this
+    # _on_events, and send() writes in C; both hand anything unusual to the
+    # Python methods above.
+    SocketConnection.send = fastio.bind_connection(  # type: ignore[method-assign]
+        SocketConnection, SocketConnection._on_events, SocketConnection.send, OPEN, CLOSING)

@@ -12,6 +12,18 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+from octopus.core.fdio import fastio
+
+if fastio is not None:
+    # C fields that the compiled message path (octopus.core._hotpath.c) adds
+    # to in place; Python reads and writes them as attributes.
+    Tally: type = fastio.Tally
+else:
+    class Tally:  # type: ignore[no-redef]
+        """The message path's counters: the worker's base."""
+
+        __slots__ = ("bytes_in", "bytes_out", "messages_in", "messages_out")
+
 # Why a connection ended (``Worker.closes``).
 CLOSE_REASONS = (
     "eof",  # the peer closed its side and we flushed our reply

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from octopus.core.aio import Guest
+from octopus.core.fdio import fastio
 
 log = logging.getLogger("octopus.worker")
 
@@ -201,6 +202,9 @@ class Loop:
     def run(self) -> None:
         """Run until ``stop()``, which may also come before ``run()``."""
         poll = self._epoll.poll
+        # Compiled: epoll_wait, then the events to their callbacks in C (a
+        # connection's own read and receive() there too: octopus/core/_hotpath.c).
+        poller = None if fastio is None else fastio.Poller(self._epoll.fileno())
         callbacks = self._callbacks
         soon = self._soon
         timers = self._timers
@@ -215,12 +219,17 @@ class Loop:
                     timeout = min(max(0.0, timers[0][0] - monotonic()), self.max_wait)
                 else:
                     timeout = self.max_wait
-                events = poll(timeout)
-                now = self.time = monotonic()
-                for fd, mask in events:
-                    callback = callbacks.get(fd)
-                    if callback is not None:  # may have been unregistered meanwhile
-                        callback(mask)
+                if poller is not None:
+                    poller.wait(timeout)
+                    now = self.time = monotonic()
+                    poller.dispatch(callbacks, now)
+                else:
+                    events = poll(timeout)
+                    now = self.time = monotonic()
+                    for fd, mask in events:
+                        callback = callbacks.get(fd)
+                        if callback is not None:  # may have been unregistered meanwhile
+                            callback(mask)
                 while timers and timers[0][0] <= now:
                     timer = heapq.heappop(timers)[2]
                     if timer.cancelled:
