@@ -232,6 +232,22 @@ tally_of(PyObject *conn)
     return worker != NULL && PyObject_TypeCheck(worker, &TallyType) ? (Tally *)worker : NULL;
 }
 
+/* An int's value: a descriptor, a size, a mask (each fits one digit but a size). */
+static inline Py_ssize_t
+int_value(PyObject *value)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    if (PyUnstable_Long_IsCompact((PyLongObject *)value)) {
+        return PyUnstable_Long_CompactValue((PyLongObject *)value);
+    }
+#else
+    if (Py_SIZE(value) == 1) {
+        return (Py_ssize_t)((PyLongObject *)value)->ob_digit[0];
+    }
+#endif
+    return PyLong_AsSsize_t(value);
+}
+
 static int
 slot_fd(PyObject *conn)
 {
@@ -240,14 +256,25 @@ slot_fd(PyObject *conn)
         PyErr_SetString(PyExc_TypeError, "connection without a descriptor");
         return -1;
     }
-    return (int)PyLong_AsLong(fd);
+    return (int)int_value(fd);
 }
 
 static Py_ssize_t
 slot_size(PyObject *conn, Py_ssize_t offset)
 {
     PyObject *value = SLOT(conn, offset);
-    return value != NULL && PyLong_CheckExact(value) ? PyLong_AsSsize_t(value) : -1;
+    return value != NULL && PyLong_CheckExact(value) ? int_value(value) : -1;
+}
+
+/* Output waits in the connection's buffer. */
+static int
+output_pending(PyObject *conn)
+{
+    PyObject *wbuf = SLOT(conn, at.wbuf);
+    if (wbuf == NULL) {
+        return 0;
+    }
+    return PyByteArray_CheckExact(wbuf) ? PyByteArray_GET_SIZE(wbuf) > 0 : PyObject_IsTrue(wbuf);
 }
 
 /* -- the read side: SocketConnection._on_events, OPEN and readable -------- */
@@ -298,9 +325,7 @@ read_input(PyObject *conn, Tally *tally, PyObject *now)
 static int
 flush_if_due(PyObject *conn, uint32_t mask)
 {
-    PyObject *wbuf = SLOT(conn, at.wbuf);
-    if (wbuf != NULL && PyObject_IsTrue(wbuf)
-            && (mask & EPOLLOUT || SLOT(conn, at.state) == state_closing)) {
+    if (output_pending(conn) && (mask & EPOLLOUT || SLOT(conn, at.state) == state_closing)) {
         return call_method(conn, s_flush, NULL);
     }
     return 0;
@@ -332,9 +357,7 @@ framed_input(PyObject *conn, Tally *tally, Framer *framer, Py_ssize_t n)
             }
         }
         set_slot(conn, at.corked, Py_False);
-        PyObject *wbuf = SLOT(conn, at.wbuf);
-        if (result == 0 && wbuf != NULL && PyObject_IsTrue(wbuf)
-                && !(slot_size(conn, at.events) & EPOLLOUT)) {
+        if (result == 0 && output_pending(conn) && !(slot_size(conn, at.events) & EPOLLOUT)) {
             result = call_method(conn, s_flush, NULL);
         }
     }

@@ -30,6 +30,11 @@ A class with an ``async def`` hook takes the same table through the methods
 of ``octopus.core.asynchooks``: its hooks run as tasks, one at a time per
 connection, and what is read meanwhile waits in a bounded backlog.
 
+Compiled (``octopus/core/_hotpath.c``), the loop does ``_on_events``'s
+common case itself, an OPEN connection reading raw, line or length framed
+input, and ``send()`` is a C method; both hand everything else to the
+methods below, so these stay the description of what happens.
+
 LINGER exists because closing a socket that still has unread input makes the
 kernel send RST instead of FIN, and an RST can make the peer drop the reply it
 has not read yet: so after our FIN we read and discard until the peer's EOF,
