@@ -238,3 +238,26 @@ def test_a_paused_connection_is_not_idle() -> None:
     finally:
         client.close()
         inloop.close()
+
+
+def frame_for(framing: str, message: bytes) -> bytes:
+    return message + b"\n" if framing == "line" else struct.pack(">I", len(message)) + message
+
+
+@pytest.mark.parametrize("framing", ["line", "length"])
+def test_framed_sends_past_the_kernels_buffer_arrive_whole_and_in_order(framing: str) -> None:
+    # Sizes that are no multiple of anything: the kernel's partial writes cut
+    # frames at every kind of place (a prefix, a body, a newline).
+    inloop = InLoop(framing=framing)
+    try:
+        server, client = tcp_pair(rcvbuf=65536)
+        conn = inloop.serve(server, Recorder)
+        messages = [bytes([65 + i % 26]) * (4999 + 17 * i) for i in range(800)]  # 9.4 MB
+        with client:
+            for message in messages:
+                conn.send(message)
+            assert conn.write_buffer_size > 0  # the kernel took only part of it
+            expected = b"".join(frame_for(framing, message) for message in messages)
+            assert read_while_serving(inloop, client, len(expected)) == expected
+    finally:
+        inloop.close()
