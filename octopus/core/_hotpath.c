@@ -80,7 +80,11 @@ static PyObject *state_open, *state_closing;
 static PyObject *s_receive, *s_receive_failed, *s_frame_failed, *s_lost, *s_peer_eof,
     *s_flush, *s_unsent, *s_output_grew;
 
-static int slot_offset(PyObject *cls, const char *name, Py_ssize_t *offset);
+struct slot {
+    const char *name;
+    Py_ssize_t *offset;
+};
+static int slot_offsets(PyObject *cls, struct slot *slots);
 
 #define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
 
@@ -552,11 +556,10 @@ fastio_bind_async(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                                          "suspended, step_failed, deliver, current_tasks)");
         return NULL;
     }
-    PyObject *cls = args[0];
-    if (slot_offset(cls, "aloop", &as.aloop) < 0 || slot_offset(cls, "backlog", &as.backlog) < 0
-            || slot_offset(cls, "context", &as.context) < 0
-            || slot_offset(cls, "current", &as.current) < 0
-            || slot_offset(cls, "driver", &as.driver) < 0) {
+    struct slot slots[] = {{"aloop", &as.aloop}, {"backlog", &as.backlog},
+                           {"context", &as.context}, {"current", &as.current},
+                           {"driver", &as.driver}, {NULL, NULL}};
+    if (slot_offsets(args[0], slots) < 0) {
         return NULL;
     }
     PyObject **parts[] = {&async_on_events, &first_step, &suspended, &step_failed, &deliver,
@@ -816,22 +819,25 @@ static PyMethodDef send_def = {
 
 /* -- bind_connection ------------------------------------------------------ */
 
+/* Each named slot's offset, read from its member descriptor in cls. */
 static int
-slot_offset(PyObject *cls, const char *name, Py_ssize_t *offset)
+slot_offsets(PyObject *cls, struct slot *slots)
 {
-    PyObject *descriptor = PyObject_GetAttrString(cls, name);
-    if (descriptor == NULL) {
-        return -1;
-    }
-    int ok = Py_IS_TYPE(descriptor, &PyMemberDescr_Type)
-             && ((PyMemberDescrObject *)descriptor)->d_member->type == MEMBER_OBJECT;
-    if (ok) {
-        *offset = ((PyMemberDescrObject *)descriptor)->d_member->offset;
-    }
-    Py_DECREF(descriptor);
-    if (!ok) {
-        PyErr_Format(PyExc_TypeError, "%s is no slot", name);
-        return -1;
+    for (; slots->name != NULL; slots++) {
+        PyObject *descriptor = PyObject_GetAttrString(cls, slots->name);
+        if (descriptor == NULL) {
+            return -1;
+        }
+        int ok = Py_IS_TYPE(descriptor, &PyMemberDescr_Type)
+                 && ((PyMemberDescrObject *)descriptor)->d_member->type == MEMBER_OBJECT;
+        if (ok) {
+            *slots->offset = ((PyMemberDescrObject *)descriptor)->d_member->offset;
+        }
+        Py_DECREF(descriptor);
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "%s is no slot", slots->name);
+            return -1;
+        }
     }
     return 0;
 }
@@ -848,16 +854,12 @@ fastio_bind_connection(PyObject *module, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     }
     PyObject *cls = args[0];
-    if (slot_offset(cls, "_fd", &at.fd) < 0 || slot_offset(cls, "_state", &at.state) < 0
-            || slot_offset(cls, "_framer", &at.framer) < 0
-            || slot_offset(cls, "_wbuf", &at.wbuf) < 0
-            || slot_offset(cls, "_corked", &at.corked) < 0
-            || slot_offset(cls, "_worker", &at.worker) < 0
-            || slot_offset(cls, "_idle_timer", &at.idle_timer) < 0
-            || slot_offset(cls, "_last_input", &at.last_input) < 0
-            || slot_offset(cls, "_events", &at.events) < 0
-            || slot_offset(cls, "_wreserved", &at.wreserved) < 0
-            || slot_offset(cls, "_aio", &at.aio) < 0) {
+    struct slot slots[] = {
+        {"_fd", &at.fd}, {"_state", &at.state}, {"_framer", &at.framer}, {"_wbuf", &at.wbuf},
+        {"_corked", &at.corked}, {"_worker", &at.worker}, {"_idle_timer", &at.idle_timer},
+        {"_last_input", &at.last_input}, {"_events", &at.events},
+        {"_wreserved", &at.wreserved}, {"_aio", &at.aio}, {NULL, NULL}};
+    if (slot_offsets(cls, slots) < 0) {
         return NULL;
     }
     Py_XSETREF(plain_on_events, Py_NewRef(args[1]));
