@@ -630,3 +630,4 @@ def test_a_completed_first_step_leaves_no_current_task_behind(
                        "receive: a task"]
     for client in clients:
         client.close()
+

@@ -121,8 +121,10 @@ static PyObject *current_tasks;
 
 /* The loop whose entry in current_tasks a first step that completed left
  * there (see first_step_of), or NULL: removed before any other Python code
- * runs, by leave(), which every call out of this file makes first. */
-static PyObject *entered;
+ * runs, by leave(), which every call out of this file makes first. Per
+ * thread, as loops are: another thread's loop may run wherever the GIL can
+ * pass (a collection's finalizers, too). */
+static _Thread_local PyObject *entered;
 
 /* _leave_task for the last first step; an exception pending stays so. */
 static int
