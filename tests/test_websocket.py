@@ -377,7 +377,7 @@ def test_wss_over_tls_and_ws_on_a_unix_socket(threaded_server: Start, tmp_path: 
     server = threaded_server(Echo, "127.0.0.1:0 tls ws", f"unix:{path} ws",
                              **certs.settings())
     port = server.address.rpartition(":")[2]
-    with ws_connect(f"wss://localhost:{port}/secure",
+    with ws_connect(f"wss://127.0.0.1:{port}/secure",
                     ssl=certs.client_context()) as client:
         client.send("over tls")
         assert client.recv(timeout=5) == "over tls"

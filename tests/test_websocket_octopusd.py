@@ -241,7 +241,7 @@ def test_wss_cannot_move_and_gets_1012_on_a_handoff_reload(
                            "--tls-cert", certs.cert, "--tls-key", certs.key)
     server.wait_ready()
     [old] = server.wait_workers(1)
-    with ws_connect(f"wss://localhost:{server.port}/", ssl=certs.client_context()) as client:
+    with ws_connect(f"wss://127.0.0.1:{server.port}/", ssl=certs.client_context()) as client:
         client.send("hi")
         assert client.recv(timeout=5) == f"old {old} hi"
         procs.write_app(tmp_path, ECHO_APP.format(tag="new"))
