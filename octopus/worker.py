@@ -184,8 +184,8 @@ class Worker(Tally):
         self.messages_in = 0
         self.messages_out = 0
         self.accepted = 0
-        # Read by octopus.core.counters.collect at heartbeat time; plain integers,
-        # so counting costs an addition and touches no shared memory.
+        # Read by octopus.core.counters.collect at heartbeat time; integers of
+        # this process (Tally's fields), so counting touches no shared memory.
         self.bytes_in = 0
         self.bytes_out = 0
         self.broadcasts_sent = 0

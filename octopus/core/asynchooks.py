@@ -21,6 +21,8 @@ Invariants:
   hooks get an eager Task each (``asyncio.eager_task_factory``'s on 3.12+; on
   3.11 its first step is run at once, see ``octopus.core.aio``).
   Replies are corked with the rest of the read, as for plain hooks.
+  Compiled, the loop's dispatch does ``_on_events``'s common case and that
+  first step in C (``octopus/core/_hotpath.c``), and hands the rest here.
 - Backpressure: once the backlog holds ``BACKLOG_MESSAGES`` messages or
   ``BACKLOG_BYTES`` bytes, reading pauses (the kernel's buffer fills and TCP
   holds the client back) until the handler catches up. What one read

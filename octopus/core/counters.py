@@ -1,10 +1,11 @@
 """The counters a worker keeps, in the one order they are published in.
 
 A worker counts in plain attributes and dicts of its own (an integer
-addition per event, nothing shared); at heartbeat time ``collect`` lays them
-out as one tuple in the order of ``COUNTERS``, which the scoreboard stores
-and the master reads back by the same names. Every value only grows for the
-life of the worker process.
+addition per event, nothing shared; the message path's four counters are
+the C fields of ``Tally``, the worker's base, where the compiled part is
+built); at heartbeat time ``collect`` lays them out as one tuple in the
+order of ``COUNTERS``, which the scoreboard stores and the master reads back
+by the same names. Every value only grows for the life of the worker process.
 """
 
 from __future__ import annotations
