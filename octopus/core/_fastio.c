@@ -350,6 +350,32 @@ drain(Framer *self, next_fn next)
     }
 }
 
+/* next_message(): a message, NEED_DATA, or NULL with an exception set. */
+static PyObject *
+next_message(Framer *self, next_fn next)
+{
+    PyObject *message;
+    int found = next(self, &message);
+    if (found <= 0) {
+        return found == 0 ? Py_NewRef(need_data) : NULL;
+    }
+    return message;
+}
+
+/* [bytes(data[:size])]: the usual read, one whole message. */
+static PyObject *
+one_message(const char *data, Py_ssize_t size)
+{
+    PyObject *message = PyBytes_FromStringAndSize(data, size);
+    PyObject *messages = message == NULL ? NULL : PyList_New(1);
+    if (messages == NULL) {
+        Py_XDECREF(message);
+        return NULL;
+    }
+    PyList_SET_ITEM(messages, 0, message);
+    return messages;
+}
+
 /* feed(data) then drain(), framing a chunk in place where nothing is held;
  * frame_chunk() holds what it leaves over. */
 static PyObject *
@@ -500,14 +526,7 @@ line_frame_chunk(Framer *self, const char *data, Py_ssize_t size)
     const char *newline = memchr(data, '\n', (size_t)size);
     if (newline == end - 1 && size - 1 <= self->max) {  /* the usual read: one message */
         self->scanned += size;
-        PyObject *message = PyBytes_FromStringAndSize(data, size - 1);
-        PyObject *messages = message == NULL ? NULL : PyList_New(1);
-        if (messages == NULL) {
-            Py_XDECREF(message);
-            return NULL;
-        }
-        PyList_SET_ITEM(messages, 0, message);
-        return messages;
+        return one_message(data, size - 1);
     }
     PyObject *messages = PyList_New(0);
     if (messages == NULL) {
@@ -550,12 +569,7 @@ error:
 static PyObject *
 line_next_message(Framer *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *message;
-    int found = line_next(self, &message);
-    if (found <= 0) {
-        return found == 0 ? Py_NewRef(need_data) : NULL;
-    }
-    return message;
+    return next_message(self, line_next);
 }
 
 static PyObject *
@@ -659,14 +673,7 @@ length_frame_chunk(Framer *self, const char *data, Py_ssize_t size)
     const char *end = data + size;
     if (size >= 4 && (uint64_t)big_endian_32(data) == (uint64_t)(size - 4)
             && size - 4 <= self->max) {  /* the usual read: one frame */
-        PyObject *message = PyBytes_FromStringAndSize(data + 4, size - 4);
-        PyObject *messages = message == NULL ? NULL : PyList_New(1);
-        if (messages == NULL) {
-            Py_XDECREF(message);
-            return NULL;
-        }
-        PyList_SET_ITEM(messages, 0, message);
-        return messages;
+        return one_message(data + 4, size - 4);
     }
     PyObject *messages = PyList_New(0);
     if (messages == NULL) {
@@ -709,12 +716,7 @@ error:
 static PyObject *
 length_next_message(Framer *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *message;
-    int found = length_next(self, &message);
-    if (found <= 0) {
-        return found == 0 ? Py_NewRef(need_data) : NULL;
-    }
-    return message;
+    return next_message(self, length_next);
 }
 
 static PyObject *
